@@ -1,0 +1,3 @@
+"""alignpipe: a reproducible preference-alignment pipeline (SFT -> best-of-N -> DPO)."""
+
+__version__ = "0.1.0"

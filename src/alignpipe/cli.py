@@ -1,0 +1,61 @@
+"""What every stage script shares: one-line errors, a debug switch, a closing summary."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+DEBUG_ENV = "ALIGNPIPE_DEBUG"
+
+
+def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:
+    """Run a stage's main: expected failures print ``error: <one line>`` and exit 1.
+
+    The traceback is shown only with ALIGNPIPE_DEBUG=1; KeyboardInterrupt exits 130.
+    """
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        try:
+            fn()
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the one place that turns failures into messages
+            if os.environ.get(DEBUG_ENV):
+                raise
+            name = type(exc).__name__
+            message = " ".join(str(exc).split()) or name
+            print(f"error: {message}" + ("" if _is_ours(exc) else f" ({name}; set {DEBUG_ENV}=1 for the traceback)"),
+                  file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _is_ours(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("alignpipe") or isinstance(exc, ValueError | FileNotFoundError)
+
+
+class Timer:
+    """Times a loop and prints its one-line summary: items, seconds, throughput."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def summary(self, items: int, unit: str, **extra: Any) -> str:
+        secs = self.seconds
+        rate = items / secs if secs > 0 else float("inf")
+        tail = "".join(f", {k}={v}" for k, v in extra.items())
+        line = f"{self.what}: {items} {unit} in {secs:.1f} s ({rate:.2f} {unit}/s{tail})"
+        print(line, flush=True)
+        return line

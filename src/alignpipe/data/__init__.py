@@ -1,0 +1,1 @@
+"""Data sources: the built-in task, readers of user files and format conversion."""

@@ -1,0 +1,85 @@
+"""Atomic writes, parquet helpers and metrics files.
+
+Every artifact is written to a temporary sibling and renamed into place, so a
+crash never leaves a half-written file that DVC could cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class ArtifactError(RuntimeError):
+    """An input artifact is missing or unreadable; the message names it."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    Works for files and folders. On an exception the temporary is removed and
+    whatever was at ``path`` before is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            target.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_parquet(rows: list[dict[str, Any]], path: str | os.PathLike, schema: pa.Schema) -> None:
+    """Write ``rows`` (dicts with exactly the schema's columns) atomically."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> list[dict[str, Any]]:
+    """Read a parquet file as a list of row dicts, checking the columns against ``schema``."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing (run the stage that writes it first)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ArtifactError(f"{path}: not a readable parquet file ({exc})") from None
+    if schema is not None:
+        missing = [name for name in schema.names if name not in table.column_names]
+        if missing:
+            raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
+        table = table.select(schema.names)
+    return table.to_pylist()
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` as indented JSON, atomically (metrics, reports)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing")
+    return json.loads(path.read_text())

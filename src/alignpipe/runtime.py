@@ -1,0 +1,86 @@
+"""Devices, dtypes, seeds and model loading shared by every stage.
+
+Weights load from safetensors only and never run remote code unless the params
+ask, so an artifact folder can't execute anything on load.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing, incomplete or not loadable."""
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU and fp32 on CPU; otherwise the named dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def check_model_folder(path: str | os.PathLike, what: str = "model") -> Path:
+    """Fail clearly if ``path`` is not an HF model folder with safetensors weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"{path}: {what} folder missing (run the stage that writes it)")
+    if not (path / "config.json").exists():
+        raise ModelFolderError(f"{path}: no config.json, not a Hugging Face model folder")
+    if not any(path.glob("*.safetensors")):
+        raise ModelFolderError(f"{path}: no *.safetensors weights (alignpipe never loads pickled weights)")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str | os.PathLike,
+    dtype: str = "auto",
+    device: torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load a causal LM folder (safetensors only) onto ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    check_model_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=resolve_dtype(dtype, device),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{path}: cannot load the model ({' '.join(str(exc).split())[:300]})") from None
+    return model.to(device)

@@ -1,0 +1,67 @@
+"""Artifact schemas, written down once.
+
+Messages are lists of ``{"role": str, "content": str}`` dicts (TRL's
+conversational format). ``meta`` columns hold a JSON string (the built-in
+task's constraint spec) or null for user data.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+# data/prepared/sft.parquet: a prompt (messages) and its assistant completion (messages).
+SFT = pa.schema([("id", pa.string()), ("prompt", MESSAGES), ("completion", MESSAGES), ("meta", pa.string())])
+
+# data/prepared/{prompts,eval_prompts}.parquet
+PROMPTS = pa.schema([("prompt_id", pa.string()), ("prompt", MESSAGES), ("meta", pa.string())])
+
+# data/prepared/preferences.parquet: user-supplied pairs (chosen/rejected are assistant messages).
+PREFERENCES = pa.schema(
+    [("pair_id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES)]
+)
+
+# data/generations/*.parquet: one row per sample; completion is the assistant text.
+GENERATIONS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("completion", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("finish_reason", pa.string()),  # "stop" | "length"
+        ("logprob", pa.float64()),  # cumulative log-prob of the sample, null where the backend has none
+        ("backend", pa.string()),
+        ("seed", pa.int64()),
+    ]
+)
+
+# data/scored.parquet: generations + reward; reward_details is a JSON string.
+SCORED = pa.schema(list(GENERATIONS) + [pa.field("reward", pa.float64()), pa.field("reward_details", pa.string())])
+
+# data/pairs/{train,eval}.parquet
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
+        ("chosen_reward", pa.float64()),  # null for user pairs
+        ("rejected_reward", pa.float64()),
+        ("margin", pa.float64()),
+        ("source", pa.string()),  # "generated" | "user"
+    ]
+)
+
+# data/ref_logps.parquet: reference (SFT) summed log-probs of each pair's completions.
+REF_LOGPS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("ref_chosen_logps", pa.float64()),
+        ("ref_rejected_logps", pa.float64()),
+        ("chosen_tokens", pa.int32()),
+        ("rejected_tokens", pa.int32()),
+    ]
+)
