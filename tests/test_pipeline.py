@@ -1,0 +1,44 @@
+"""End-to-end: `dvc repro` in a throwaway copy of the repository, on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignpipe import schema
+from alignpipe.io import read_parquet
+from workspace import dvc, make_workspace, ran_stages, set_params
+
+pytestmark = pytest.mark.slow
+
+SMALL_DATA = {"builtin": {"n_sft": 16, "n_prompts": 12, "n_eval": 8}}
+
+
+@pytest.fixture()
+def workspace(tmp_path, tiny_model_dir):
+    return make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, "data": SMALL_DATA})
+
+
+def test_base_model_and_prepare_run_offline_and_incrementally(workspace):
+    first = dvc(workspace, "repro", "base_model", "prepare")
+    assert sorted(ran_stages(first.stdout)) == ["base_model", "prepare"]
+    assert (workspace / "models/base/model.safetensors").exists()
+    assert len(read_parquet(workspace / "data/prepared/sft.parquet", schema.SFT)) == 16
+    assert ran_stages(dvc(workspace, "repro", "base_model", "prepare").stdout) == []
+    set_params(workspace, {"data": {"builtin": {"n_sft": 20}}})
+    assert ran_stages(dvc(workspace, "repro", "base_model", "prepare").stdout) == ["prepare"]
+    assert len(read_parquet(workspace / "data/prepared/sft.parquet", schema.SFT)) == 20
+
+
+def test_a_failing_stage_loses_no_artifact(workspace):
+    """Upstream artifacts stay; the failed stage's last good output comes back with `dvc checkout`."""
+    dvc(workspace, "repro", "base_model", "prepare")
+    base = (workspace / "models/base/model.safetensors").read_bytes()
+    before = (workspace / "data/prepared/sft.parquet").read_bytes()
+    set_params(workspace, {"data": {"sft": {"source": "missing.jsonl"}}})
+    proc = dvc(workspace, "repro", "prepare", check=False)
+    assert proc.returncode != 0
+    assert "error: missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert (workspace / "models/base/model.safetensors").read_bytes() == base
+    assert not list((workspace / "data").glob("**/.*.tmp")), "a temporary file was left behind"
+    dvc(workspace, "checkout", "prepare")
+    assert (workspace / "data/prepared/sft.parquet").read_bytes() == before
