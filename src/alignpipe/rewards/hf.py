@@ -1,0 +1,172 @@
+"""``reward.kind: hf``: a sequence-classification reward model with one output (Skywork style).
+
+Each (prompt, completion) is rendered as a conversation with the reward model's own chat
+template (not the policy's), tokenized without extra special tokens, and scored in batches
+sorted by length. The score is the head's output at the conversation's last token, the
+same whether a conversation is scored alone or padded in a batch.
+
+Truncation: a conversation longer than ``reward.max_length`` tokens keeps its end (the
+answer and the end of turn that the head reads) and its BOS, and loses the start of the
+prompt; each truncated conversation is flagged in its details and counted by the stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from alignpipe.chat import Message, encode_ids
+from alignpipe.rewards import RewardError, RewardResult
+from alignpipe.runtime import check_model_folder, load_tokenizer, pick_device, resolve_dtype
+
+
+class HFReward:
+    """A reward model loaded once; :meth:`score` runs it over any number of conversations."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        max_length: int = 1024,
+        batch_size: int = 16,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        self.name = f"hf:{source}"
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = device or pick_device()
+        self.tokenizer = _load_tokenizer(source, trust_remote_code)
+        self.model = load_reward_model(source, resolve_dtype(dtype, self.device), trust_remote_code)
+        self.model.to(self.device).eval()
+        text_config = self.model.config.get_text_config()
+        if text_config.pad_token_id is None:
+            text_config.pad_token_id = self.tokenizer.pad_token_id
+        self.pad_id = int(text_config.pad_token_id)
+
+    def encode(self, prompt: list[Message], completion: str) -> tuple[list[int], bool]:
+        """Token ids of the conversation (truncated to ``max_length``) and whether it was cut."""
+        conversation = [*prompt, {"role": "assistant", "content": completion}]
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        return truncate_keep_end(
+            encode_ids(self.tokenizer, text), self.max_length, self.tokenizer.bos_token_id
+        )
+
+    def score(
+        self, prompts: Sequence[list[Message]], completions: Sequence[str], metas: Sequence[str | None]
+    ) -> list[RewardResult]:
+        encoded = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        order = sorted(
+            range(len(encoded)), key=lambda i: -len(encoded[i][0])
+        )  # longest first: OOM shows early
+        scores: dict[int, float] = {}
+        with tqdm(total=len(order), desc="reward", unit="seq", leave=False) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                values = self.forward([encoded[i][0] for i in batch])
+                scores.update(zip(batch, values, strict=True))
+                bar.update(len(batch))
+        return [
+            RewardResult(scores[i], {"tokens": len(ids), "truncated": cut})
+            for i, (ids, cut) in enumerate(encoded)
+        ]
+
+    @torch.inference_mode()
+    def forward(self, rows: list[list[int]]) -> list[float]:
+        """Scores of right-padded rows, read at each row's last real token."""
+        # The head pools at the rightmost token that is not the config's pad id. A row may end
+        # with the pad id itself (pad == EOS); then pad this batch with an id no row ends with.
+        pad = pooling_pad_id(rows, self.pad_id)
+        self.model.config.get_text_config().pad_token_id = pad
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[j, : len(row)] = 1
+        logits = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+        ).logits
+        return logits[:, 0].float().cpu().tolist()
+
+    def close(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def pooling_pad_id(rows: Sequence[Sequence[int]], pad_id: int) -> int:
+    """``pad_id`` unless some row ends with it; then the smallest id that ends no row."""
+    last = {row[-1] for row in rows}
+    if pad_id not in last:
+        return pad_id
+    return min(set(range(len(last) + 1)) - last)
+
+
+def truncate_keep_end(ids: list[int], max_length: int, bos_id: int | None) -> tuple[list[int], bool]:
+    """Keep the last ``max_length`` tokens (a leading BOS stays); return (ids, truncated)."""
+    if len(ids) <= max_length:
+        return ids, False
+    head = ids[:1] if bos_id is not None and ids[0] == bos_id and max_length > 1 else []
+    return head + ids[len(ids) - (max_length - len(head)) :], True
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    try:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RewardError(f"reward.model {source!r}: cannot load its tokenizer ({_short(exc)})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise RewardError(
+            f"reward.model {source!r}: its tokenizer has no chat template; alignpipe renders each "
+            "conversation with the reward model's own template"
+        )
+    return tokenizer
+
+
+def load_reward_model(source: str, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
+    """Load a one-output sequence-classification model (safetensors only), or fail clearly."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if Path(source).exists():
+        check_model_folder(source, what="reward model")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RewardError(f"reward.model {source!r}: cannot load its config ({_short(exc)})") from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not trust_remote_code and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise RewardError(
+            f"reward.model {source!r} is a {', '.join(archs)}, not a sequence-classification reward model"
+        )
+    if config.num_labels != 1:
+        raise RewardError(
+            f"reward.model {source!r} has num_labels={config.num_labels}; alignpipe needs a reward model "
+            "with a single score (num_labels == 1)"
+        )
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise RewardError(f"reward.model {source!r}: cannot load the model ({_short(exc)})") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise RewardError(
+            f"reward.model {source!r}: weights missing from the checkpoint ({', '.join(sorted(missing)[:5])}); "
+            "its score head would be random"
+        )
+    return model
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]

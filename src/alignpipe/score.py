@@ -1,0 +1,107 @@
+"""The ``score`` stage: a reward for every generated completion.
+
+Reads ``data/generations/`` (through ``alignpipe.generate.read_generations``, which refuses an
+unfinished run) and the prompts they answer, scores each completion with the configured
+reward (``alignpipe.rewards``) and writes
+``data/scored.parquet`` (schema SCORED: every generation column + ``reward`` +
+``reward_details`` as JSON) and a small metrics file. A non-finite reward stops the stage
+with an error naming the rows (prompt_id, sample_idx).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import Counter
+from typing import Any
+
+from alignpipe import schema
+from alignpipe.cli import Timer
+from alignpipe.generate import read_generations
+from alignpipe.io import ArtifactError, read_parquet, write_json, write_parquet
+from alignpipe.params import RewardParams
+from alignpipe.rewards import Reward, RewardResult, get_reward, score_completions
+
+
+def score_rows(
+    reward: Reward, generations: list[dict[str, Any]], prompts: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Scored rows (SCORED columns) for ``generations``; ``prompts`` maps prompt_id to its PROMPTS row."""
+    for row in generations:
+        if row["prompt_id"] not in prompts:
+            raise ArtifactError(f"generations: prompt_id {row['prompt_id']!r} is not in the prompts file")
+    results = score_completions(
+        reward,
+        [prompts[r["prompt_id"]]["prompt"] for r in generations],
+        [r["completion"] for r in generations],
+        [prompts[r["prompt_id"]]["meta"] for r in generations],
+        labels=[f"(prompt_id={r['prompt_id']}, sample_idx={r['sample_idx']})" for r in generations],
+    )
+    return [
+        {**row, "reward": res.reward, "reward_details": json.dumps(res.details, sort_keys=True)}
+        for row, res in zip(generations, results, strict=True)
+    ]
+
+
+def score_metrics(
+    reward_name: str, rows: list[dict[str, Any]], results: list[RewardResult]
+) -> dict[str, Any]:
+    """What ``reports/score.json`` holds: counts, the reward distribution, truncations, pass rates."""
+    rewards = [r.reward for r in results]
+    metrics: dict[str, Any] = {
+        "reward": reward_name,
+        "samples": len(rows),
+        "prompts": len({r["prompt_id"] for r in rows}),
+        "reward_mean": statistics.fmean(rewards),
+        "reward_std": statistics.pstdev(rewards),
+        "reward_min": min(rewards),
+        "reward_max": max(rewards),
+        "truncated": sum(bool(r.details.get("truncated")) for r in results),
+    }
+    passed: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    for res in results:
+        for key, value in res.details.items():
+            if key != "truncated" and isinstance(value, bool):
+                seen[key] += 1
+                passed[key] += value
+    if seen:
+        metrics["pass_rate"] = {key: passed[key] / seen[key] for key in sorted(seen)}
+    return metrics
+
+
+def score(
+    generations_dir: str | os.PathLike,
+    prompts_path: str | os.PathLike,
+    out: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    params: RewardParams,
+) -> dict[str, Any]:
+    """Run the stage: read, score, write ``out`` and ``metrics_path``; return the metrics."""
+    prompt_rows = read_parquet(prompts_path, schema.PROMPTS)
+    prompts = {r["prompt_id"]: r for r in prompt_rows}
+    position = {pid: i for i, pid in enumerate(prompts)}
+    generations = read_generations(generations_dir)  # checked complete: every prompt has its n samples
+    if not generations:
+        raise ArtifactError(f"{generations_dir}: no generations to score")
+    generations.sort(key=lambda r: (position.get(r["prompt_id"], -1), r["prompt_id"], r["sample_idx"]))
+    timer = Timer("score")
+    reward = get_reward(params)
+    try:
+        rows = score_rows(reward, generations, prompts)
+    finally:
+        reward.close()
+    write_parquet(rows, out, schema.SCORED)
+    results = [RewardResult(r["reward"], json.loads(r["reward_details"])) for r in rows]
+    metrics = score_metrics(reward.name, rows, results)
+    metrics["seconds"] = round(timer.seconds, 2)
+    write_json(metrics, metrics_path)
+    timer.summary(
+        len(rows), "samples", mean_reward=f"{metrics['reward_mean']:.3f}", truncated=metrics["truncated"]
+    )
+    if metrics["truncated"]:
+        print(
+            f"score: {metrics['truncated']} conversation(s) cut to reward.max_length={params.max_length} tokens"
+        )
+    return metrics

@@ -1,0 +1,28 @@
+"""Stage `pairs`: preference pairs from the scored samples, split by prompt (params section `pairs`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from alignpipe.cli import stage_main
+from alignpipe.pairs import pairs
+from alignpipe.params import load_section
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scored", required=True, help="scored parquet")
+    parser.add_argument("--prompts", required=True, help="prompts parquet (the prompt messages)")
+    parser.add_argument("--prepared", required=True, help="prepared data folder (preferences.parquet if any)")
+    parser.add_argument("--out-dir", required=True, help="folder for train.parquet and eval.parquet")
+    parser.add_argument("--report", required=True, help="report JSON (dvc metrics)")
+    parser.add_argument("--plots-dir", required=True, help="folder for the rewards/margins histograms")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    params = load_section("pairs", args.params)
+    pairs(args.scored, args.prompts, args.prepared, args.out_dir, args.report, args.plots_dir, params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Stage `score`: a reward for every generated completion (params section `reward`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from alignpipe.cli import stage_main
+from alignpipe.params import load_section
+from alignpipe.score import score
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--generations", required=True, help="folder of generation parquet shards")
+    parser.add_argument("--prompts", required=True, help="prompts parquet (prompt messages and meta)")
+    parser.add_argument("--out", required=True, help="scored parquet to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    score(args.generations, args.prompts, args.out, args.metrics, load_section("reward", args.params))
+
+
+if __name__ == "__main__":
+    main()
