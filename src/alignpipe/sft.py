@@ -1,0 +1,372 @@
+"""The ``sft`` stage: supervised fine-tuning of the base model on demonstrations.
+
+``run_sft`` trains ``models/base`` on ``data/prepared/sft.parquet`` with the model's
+chat template, loss on the assistant's tokens only, and writes a merged HF folder
+(safetensors, tokenizer, chat template, generation config) that transformers and
+vLLM load unchanged. It runs on transformers' ``Trainer``, so the same code runs
+as ``python stages/sft.py`` on a laptop and under ``accelerate launch`` (DDP, FSDP,
+DeepSpeed) on a cluster.
+
+Resume: checkpoints go to ``checkpoints/sft`` next to a fingerprint of what
+determines the result (the ``sft`` params, the data file, the base model, the
+number of processes). A rerun with the same fingerprint resumes from the last
+complete checkpoint; a changed one deletes the stale checkpoints and says why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from alignpipe.chat import require_chat_template
+from alignpipe.cli import Timer
+from alignpipe.io import atomic_path, read_parquet, write_json
+from alignpipe.params import SftParams
+from alignpipe.runtime import (
+    check_model_folder,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+    resolve_dtype,
+    seed_everything,
+)
+from alignpipe.schema import SFT
+from alignpipe.sft_data import (
+    LengthGroupedSampler,
+    SftData,
+    SftDataset,
+    checkpoint_step,
+    collate_packed,
+    collate_padded,
+    encode_rows,
+    fingerprint,
+    resume_point,
+)
+
+# DVCLive names of the Trainer's log keys (reports/sft/plots/metrics/train/*.tsv).
+LIVE_METRICS = {
+    "loss": "train/loss",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_second": "train/tokens_per_second",
+}
+
+
+class SftConfigError(ValueError):
+    """The sft settings cannot run here (e.g. QLoRA without a GPU)."""
+
+
+@dataclass(frozen=True)
+class SftPaths:
+    """Where the stage reads and writes; ``dvc.yaml`` passes them on the command line."""
+
+    model: Path
+    data: Path
+    out: Path
+    checkpoints: Path
+    metrics_dir: Path
+
+
+def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+    """Train (or pass through) the base model and write ``paths.out``; returns the metrics summary."""
+    timer = Timer("sft")
+    if not params.enabled:
+        return passthrough(params, paths, timer)
+    check_settings(params)
+    seed_everything(params.seed)
+    tokenizer = load_tokenizer(paths.model)
+    require_chat_template(tokenizer, params.chat_template, where=str(paths.model))
+    rows = read_parquet(paths.data, SFT)
+    data = encode_rows(tokenizer, rows, params.max_length, params.truncation, where=str(paths.data))
+    args = training_arguments(params, paths.checkpoints)
+    with args.main_process_first(local=False, desc="sft checkpoints"):
+        resume = resume_point(
+            paths.checkpoints, fingerprint(params, paths.data, paths.model, args.world_size), args.should_save
+        )
+    live = LiveCallback(paths.metrics_dir)
+    trainer = _SftTrainer(
+        model=build_model(params, paths.model),
+        args=args,
+        train_dataset=SftDataset(data.examples),
+        data_collator=collator(params, tokenizer.pad_token_id, trim_logits=args.n_gpu <= 1),
+        callbacks=[live, *callbacks],
+        sampler=LengthGroupedSampler(
+            [len(e.input_ids) for e in data.examples], params.batch_size, params.seed
+        ),
+    )
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - started
+    save_final(trainer, params, paths, tokenizer)
+    summary = summarize(trainer.state, data, timer.seconds, train_seconds, live.begin_tokens, resume)
+    if args.should_save:
+        write_json(summary, paths.metrics_dir / "metrics.json")
+        timer.summary(
+            summary["steps"], "steps", loss=summary["final_loss"], tokens_per_s=summary["tokens_per_second"]
+        )
+    return summary
+
+
+def collator(params: SftParams, pad_token_id: int, trim_logits: bool = True) -> Callable[[list], dict]:
+    """Packed or padded batches; ``trim_logits`` off under ``torch.nn.DataParallel`` (it splits every tensor)."""
+    if params.packing:
+        return partial(collate_packed, trim_logits=trim_logits)
+    return partial(collate_padded, pad_token_id=pad_token_id, trim_logits=trim_logits)
+
+
+def check_settings(params: SftParams) -> None:
+    """Fail before any work on settings this machine cannot run."""
+    if params.peft.load_in_4bit:
+        if not params.peft.enabled:
+            raise SftConfigError("sft.peft.load_in_4bit (QLoRA) needs sft.peft.enabled: true")
+        if not torch.cuda.is_available():
+            raise SftConfigError(
+                "sft.peft.load_in_4bit (QLoRA) needs a CUDA GPU; set it to false on this machine"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SftConfigError("sft.peft.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+
+
+def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArguments:
+    dtype = resolve_dtype(params.dtype, pick_device())
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=min(params.warmup_ratio, 0.999999),  # a float < 1 is a ratio of the total steps
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,  # fp32 weights, fp16 autocast with a grad scaler
+        activation_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=params.logging_steps,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=1,  # the resume point; older ones are deleted once a newer one is complete
+        seed=params.seed,
+        data_seed=params.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Tokens trained through: a packed batch has no padding, a padded one counts its attention mask.
+        include_num_input_tokens_seen="all" if params.packing else "non_padding",
+    )
+
+
+class _SftTrainer(Trainer):
+    """The Trainer with a length-grouped, resumable batch order."""
+
+    def __init__(self, *args: Any, sampler: LengthGroupedSampler, **kwargs: Any) -> None:
+        self._length_sampler = sampler
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> LengthGroupedSampler:
+        return self._length_sampler
+
+
+def build_model(params: SftParams, model_dir: Path) -> Any:
+    """The model to train: full weights, LoRA adapters on them, or LoRA on 4-bit weights (QLoRA)."""
+    model = (
+        _load_4bit(model_dir)
+        if params.peft.load_in_4bit
+        else load_causal_lm(model_dir, weights_dtype(params))
+    )
+    if not params.peft.enabled:
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if params.peft.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=params.gradient_checkpointing
+        )
+    elif params.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(params))
+
+
+def weights_dtype(params: SftParams) -> str:
+    """The dtype of the trained (and saved) weights: bf16 on GPU, fp32 on CPU by default.
+
+    fp16 trains fp32 weights under fp16 autocast; QLoRA's adapters compute in bf16.
+    """
+    if params.peft.load_in_4bit:
+        return "bfloat16"
+    dtype = resolve_dtype(params.dtype, pick_device())
+    return "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+
+def lora_config(params: SftParams) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=params.peft.r,
+        lora_alpha=params.peft.alpha,
+        lora_dropout=params.peft.dropout,
+        target_modules=params.peft.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_4bit(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_folder(model_dir)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        quantization_config=quantization,
+        dtype=torch.bfloat16,
+        device_map={"": pick_device()},
+        use_safetensors=True,
+    )
+
+
+def save_final(trainer: Trainer, params: SftParams, paths: SftPaths, tokenizer: Any) -> None:
+    """Write the trained model as one merged HF folder, atomically, from the main process."""
+    accelerator = trainer.accelerator
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # gathers FSDP / ZeRO-3 shards
+    if trainer.args.should_save:
+        model = accelerator.unwrap_model(trainer.model)
+        if params.peft.enabled:
+            model, state_dict = merge_lora(model, state_dict, params, paths.model), None
+        model.config.use_cache = True  # the Trainer turns it off for training
+        with atomic_path(paths.out) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+
+
+def merge_lora(
+    peft_model: Any, state_dict: dict[str, torch.Tensor], params: SftParams, model_dir: Path
+) -> Any:
+    """The trained adapters merged into a fresh CPU copy of the base model, in the training dtype.
+
+    Merging into a fresh copy (not the trained, possibly 4-bit, model in memory)
+    gives QLoRA unquantized merged weights and works the same under any launcher.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = get_peft_model_state_dict(peft_model, state_dict=state_dict)
+    base = load_causal_lm(model_dir, dtype=weights_dtype(params), device=torch.device("cpu"))
+    fresh = get_peft_model(base, lora_config(params))
+    set_peft_model_state_dict(fresh, adapters)
+    return fresh.merge_and_unload()
+
+
+def passthrough(params: SftParams, paths: SftPaths, timer: Timer) -> dict[str, Any]:
+    """``sft.enabled: false``: copy the base model to ``paths.out`` unchanged.
+
+    The one change: a ``sft.chat_template`` is installed in the copy's tokenizer,
+    so later stages can render chats with it.
+    """
+    check_model_folder(paths.model, what="base model")
+    with atomic_path(paths.out) as tmp:
+        shutil.copytree(paths.model, tmp)
+        if params.chat_template:
+            tokenizer = load_tokenizer(tmp)
+            require_chat_template(tokenizer, params.chat_template, where=str(paths.model))
+            tokenizer.save_pretrained(tmp)
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    plot = paths.metrics_dir / "plots" / "metrics" / LIVE_METRICS["loss"]
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot.with_suffix(".tsv").write_text("step\tloss\n")  # the dvc plots out exists and parses, empty
+    summary = {"enabled": False, "steps": 0, "tokens": 0, "wall_seconds": round(timer.seconds, 1)}
+    write_json(summary, paths.metrics_dir / "metrics.json")
+    print(f"sft: disabled, copied {paths.model} to {paths.out}", flush=True)
+    return summary
+
+
+class LiveCallback(TrainerCallback):
+    """Training curves into DVCLive at ``x = optimizer step``, plus tokens/s in the log history.
+
+    On resume, the curves logged before the checkpoint are replayed from its
+    trainer state, so the plots cover the whole run.
+    """
+
+    def __init__(self, metrics_dir: Path) -> None:
+        self.metrics_dir = metrics_dir
+        self.live: Any = None
+        self.begin_tokens = 0
+        self._last = (0.0, 0)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.begin_tokens = state.num_input_tokens_seen
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+        if state.is_world_process_zero:
+            from dvclive import Live
+
+            self.live = Live(dir=str(self.metrics_dir), save_dvc_exp=False, dvcyaml=None)
+            for entry in state.log_history:
+                self._write(entry)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        entry = state.log_history[-1] if state.log_history else {}
+        if "loss" in entry and now > self._last[0]:
+            entry["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
+        self._last = (now, tokens)
+        if self.live is not None:
+            self._write(entry)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.live is not None:
+            self.live.end()
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        if "loss" not in entry:
+            return
+        self.live.step = entry["step"]
+        for key, name in LIVE_METRICS.items():
+            if key in entry and math.isfinite(entry[key]):
+                self.live.log_metric(name, float(entry[key]))
+
+
+def summarize(
+    state: Any,
+    data: SftData,
+    wall_seconds: float,
+    train_seconds: float,
+    begin_tokens: int,
+    resumed_from: str | None,
+) -> dict[str, Any]:
+    """``reports/sft/metrics.json``: loss, steps, tokens, what max_length cost, time, throughput."""
+    losses = [e["loss"] for e in state.log_history if "loss" in e and math.isfinite(e["loss"])]
+    return {
+        "enabled": True,
+        "train_loss": round(sum(losses) / len(losses), 4) if losses else None,  # mean of the logged losses
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 3),
+        "rows": data.rows,
+        "sequences": len(data.examples),
+        "tokens": state.num_input_tokens_seen,  # prompt + completion tokens trained through, whole run
+        "completion_tokens_per_epoch": data.completion_tokens,
+        "truncated": data.truncated,
+        "dropped": data.dropped,
+        "wall_seconds": round(wall_seconds, 1),
+        "tokens_per_second": round(
+            (state.num_input_tokens_seen - begin_tokens) / max(train_seconds, 1e-9), 1
+        ),
+        "resumed_from_step": checkpoint_step(resumed_from) if resumed_from else None,
+    }

@@ -1,0 +1,32 @@
+"""Stage sft: fine-tune the base model on the SFT demonstrations (see alignpipe.sft).
+
+Runs as `python stages/sft.py ...` or under `accelerate launch --config_file configs/accelerate/<x>.yaml`
+(params.yaml: sft.launcher).
+"""
+
+import argparse
+from pathlib import Path
+
+from alignpipe.cli import stage_main
+from alignpipe.params import load_section
+from alignpipe.sft import SftPaths, run_sft
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="base model folder")
+    parser.add_argument("--data", required=True, type=Path, help="sft.parquet")
+    parser.add_argument("--out", required=True, type=Path, help="output model folder (merged HF model)")
+    parser.add_argument("--checkpoints", required=True, type=Path, help="checkpoint folder (resume point)")
+    parser.add_argument(
+        "--metrics-dir", required=True, type=Path, help="DVCLive folder (metrics.json, plots)"
+    )
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    paths = SftPaths(args.model, args.data, args.out, args.checkpoints, args.metrics_dir)
+    run_sft(load_section("sft", args.params), paths)
+
+
+if __name__ == "__main__":
+    main()
