@@ -1,0 +1,362 @@
+"""The ``dpo`` stage: preference optimisation of ``models/sft`` on the train pairs.
+
+The policy is the only model in memory: reference log-probs come from
+``data/ref_logps.parquet`` unless ``dpo.reference: live`` (TR-DPO, Gorbatovski et al. 2024,
+syncs that live reference: ``ref <- alpha * policy + (1 - alpha) * ref`` every k steps).
+The loop runs on accelerate (``accelerate launch`` with configs/accelerate/*.yaml). The loss of a
+step is the mean over the pairs of its global batch: each micro-batch contributes its per-pair
+sum divided by the global batch size, so uneven micro-batches weigh each pair the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignpipe import losses
+from alignpipe.chat import require_chat_template
+from alignpipe.cli import Timer
+from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
+from alignpipe.logprobs import (
+    CompletionScorer,
+    PairLogps,
+    collate_pairs,
+    load_reference,
+    pack_row_tokens,
+    pair_logps,
+)
+from alignpipe.params import DpoParams
+from alignpipe.runtime import load_causal_lm, load_tokenizer, resolve_dtype, seed_everything
+from alignpipe.training import (
+    MetricsLog,
+    NonFiniteError,
+    Window,
+    apply_peft,
+    build_optimizer,
+    build_scheduler,
+    find_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+
+# Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
+SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+          "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+@dataclass
+class DpoRun:
+    """Everything one training run holds."""
+
+    params: DpoParams
+    accelerator: Any
+    scorer: nn.Module  # the prepared CompletionScorer of the policy
+    ref_scorer: CompletionScorer | None  # live reference only
+    optimizer: Any
+    scheduler: Any
+    train: DpoPairs
+    eval: DpoPairs | None
+    pad_token_id: int
+    total_steps: int
+    row_tokens: int | None  # padding-free row capacity (logprobs.pack_row_tokens)
+
+    @property
+    def global_size(self) -> int:
+        return self.params.batch_size * self.params.grad_accum * self.accelerator.num_processes
+
+
+def pair_losses(policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, p: DpoParams) -> Tensor:
+    """Per-pair loss (B,) of ``dpo.loss_type`` (a list: weighted by ``dpo.loss_weights``)."""
+    wpo = None
+    if p.wpo:
+        assert policy.chosen_aligned_logps is not None and policy.rejected_aligned_logps is not None
+        wpo = losses.wpo_weights(
+            policy.chosen_aligned_logps / policy.chosen_tokens.clamp(min=1),
+            policy.rejected_aligned_logps / policy.rejected_tokens.clamp(min=1),
+        )
+    common = dict(
+        beta=p.beta,
+        label_smoothing=p.label_smoothing,
+        chosen_lengths=policy.chosen_tokens,
+        rejected_lengths=policy.rejected_tokens,
+        rpo_alpha=p.rpo_alpha or 0.0,
+        wpo_weights=wpo,
+        **p.loss_options,
+    )
+    logps = (policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected)
+    if isinstance(p.loss_type, str):
+        return losses.preference_loss(p.loss_type, *logps, **common)
+    weights = p.loss_weights or [1.0] * len(p.loss_type)
+    return losses.combined_loss(p.loss_type, weights, *logps, **common)
+
+
+def check_loss(p: DpoParams) -> None:
+    """Fail before any model loads if the loss settings are invalid (unknown name or option)."""
+    one = torch.ones(1)
+    dummy = PairLogps(-one, -one, one.long(), one.long(), -one, -one)
+    pair_losses(dummy, -one, -one, p)
+
+
+def metric_sums(policy: PairLogps, ref_c: Tensor, ref_r: Tensor, per_pair: Tensor, beta: float) -> Tensor:
+    """Sums over the batch of the :data:`SUMMED` quantities, then pairs and non-finite losses."""
+    chosen, rejected = losses.implicit_rewards(policy.chosen_logps, policy.rejected_logps, ref_c, ref_r, beta)
+    values = [per_pair.detach(), chosen, rejected, chosen - rejected, (chosen > rejected).float(),
+              policy.chosen_logps.detach(), policy.rejected_logps.detach()]  # fmt: skip
+    sums = [v.float().sum() for v in values]
+    sums += [torch.tensor(float(per_pair.numel())), (~torch.isfinite(per_pair)).sum().float()]
+    return torch.stack([s.to(per_pair.device) for s in sums])
+
+
+def batch_logps(run: DpoRun, data: DpoPairs, index: list[int]) -> tuple[Any, PairLogps, Tensor, Tensor]:
+    """Collate ``index``; policy log-probs (with grad when enabled) and reference log-probs."""
+    device = run.accelerator.device
+    pairs = [data.pairs[i] for i in index]
+    batch = collate_pairs(pairs, run.params.padding_free, run.pad_token_id, run.row_tokens).to(device)
+    policy = pair_logps(run.scorer, batch, aligned=run.params.wpo)
+    if run.ref_scorer is None:
+        ref_c, ref_r = (t.to(device) for t in data.ref(index))
+    else:
+        with torch.no_grad():
+            live = pair_logps(run.ref_scorer, batch)
+        ref_c, ref_r = live.chosen_logps, live.rejected_logps
+    return batch, policy, ref_c, ref_r
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step, summed over processes: per-pair sums of :data:`SUMMED`, pairs, tokens."""
+
+    sums: dict[str, float]
+    pairs: int
+    tokens: int
+    grad_norm: float
+    learning_rate: float
+
+
+def train_step(run: DpoRun, step: int, micros: list[list[int]], n_global: int) -> StepStats:
+    """One optimizer step over this process's micro-batches (``n_global`` pairs over all processes)."""
+    acc, p = run.accelerator, run.params
+    # accelerate divides each backward by grad_accum and DDP averages over processes: undo both
+    scale = acc.num_processes * p.grad_accum / n_global
+    sums, tokens, bad = None, 0, []
+    for i, index in enumerate(micros):
+        sync = i == len(micros) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(run.scorer):
+            batch, policy, ref_c, ref_r = batch_logps(run, run.train, index)
+            per_pair = pair_losses(policy, ref_c, ref_r, p)
+            acc.backward(per_pair.sum() * scale)
+        bad += [
+            pid for pid, ok in zip(batch.pair_ids, torch.isfinite(per_pair).tolist(), strict=True) if not ok
+        ]
+        part = metric_sums(policy, ref_c, ref_r, per_pair, p.beta)
+        sums = part if sums is None else sums + part
+        tokens += batch.n_tokens
+    assert sums is not None
+    sums = acc.reduce(torch.cat([sums, sums.new_tensor([tokens])]), reduction="sum").tolist()
+    norm = acc.clip_grad_norm_(run.scorer.parameters(), p.max_grad_norm)
+    grad_norm = float(norm) if norm is not None else 0.0  # None: DeepSpeed before its first step
+    n_bad = sums[len(SUMMED) + 1]
+    if n_bad > 0 or not math.isfinite(grad_norm):
+        run.optimizer.zero_grad()
+        what = "loss" if n_bad > 0 else f"gradient (norm {grad_norm})"
+        ids = bad or [run.train.pairs[i].pair_id for index in micros for i in index]
+        raise NonFiniteError(f"dpo: non-finite {what} at step {step}; batch pairs: {', '.join(ids)}")
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad()
+    named = dict(zip(SUMMED, sums, strict=False))
+    return StepStats(named, int(sums[len(SUMMED)]), int(sums[-1]), grad_norm, lr)
+
+
+@torch.no_grad()
+def evaluate(run: DpoRun) -> dict[str, float]:
+    """Loss, reward accuracy and margin on the eval pairs (split over processes in equal batch counts)."""
+    acc, data = run.accelerator, run.eval
+    assert data is not None
+    order = sorted(range(len(data)), key=lambda i: -data.pairs[i].n_tokens)
+    batches = [order[i : i + run.params.batch_size] for i in range(0, len(order), run.params.batch_size)]
+    mine = batches[acc.process_index :: acc.num_processes]
+    rounds = -(-len(batches) // acc.num_processes)
+    run.scorer.eval()
+    sums = torch.zeros(len(SUMMED) + 2, device=acc.device)
+    for r in range(rounds):  # a process without a batch left repeats one with weight 0 (collectives match)
+        _, policy, ref_c, ref_r = batch_logps(run, data, mine[r] if r < len(mine) else batches[0])
+        part = metric_sums(
+            policy, ref_c, ref_r, pair_losses(policy, ref_c, ref_r, run.params), run.params.beta
+        )
+        sums += part if r < len(mine) else 0 * part
+    run.scorer.train()
+    sums = acc.reduce(sums, reduction="sum")
+    n = max(float(sums[len(SUMMED)]), 1.0)
+    mean = dict(zip(SUMMED, (sums[: len(SUMMED)] / n).tolist(), strict=True))
+    return {f"eval/{k}": mean[k] for k in ("loss", "rewards/accuracies", "rewards/margins")}
+
+
+@torch.no_grad()
+def sync_reference(run: DpoRun) -> None:
+    """TR-DPO soft update of the live reference: ``ref <- alpha * policy + (1 - alpha) * ref``."""
+    assert run.ref_scorer is not None
+    policy = merged_weights(run.accelerator.unwrap_model(run.scorer).model)
+    alpha = run.params.ref_sync_alpha
+    for name, ref in run.ref_scorer.model.named_parameters():
+        ref.mul_(1 - alpha).add_(policy[name].to(ref.dtype), alpha=alpha)
+
+
+def merged_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The policy's effective weights keyed like a plain model (LoRA deltas added, not merged in place)."""
+    if not hasattr(model, "get_base_model"):
+        return dict(model.named_parameters())
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    weights = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            weights[f"{name}.weight"] = module.get_base_layer().weight + delta
+    for name, param in base.named_parameters():
+        if "lora_" not in name:
+            weights.setdefault(name.replace(".base_layer", ""), param)
+    return weights
+
+
+def schedule(run: DpoRun, start: int) -> Any:
+    """(step, this process's micro-batches, global batch size) for steps start+1..total; epochs repeat."""
+    acc, p = run.accelerator, run.params
+    lengths = [pair.n_tokens for pair in run.train.pairs]
+    step, epoch = 0, 0
+    while True:
+        for global_batch in epoch_batches(lengths, run.global_size, p.seed, epoch):
+            micros = micro_batches(global_batch, acc.num_processes, acc.process_index, p.grad_accum)
+            if micros is None:
+                continue
+            step += 1
+            if step > run.total_steps:
+                return
+            if step > start:
+                yield step, micros, len(global_batch)
+        epoch += 1
+
+
+def log_window(log: MetricsLog, step: int, window: Window, last: StepStats) -> None:
+    """Means over the window's pairs; grad norm and learning rate of its last step; throughput."""
+    n = max(window.pairs, 1)
+    metrics = {k: window.sums[k] / n for k in SUMMED}
+    metrics.update(
+        grad_norm=last.grad_norm,
+        learning_rate=last.learning_rate,
+        pairs_per_s=window.pairs / max(window.seconds, 1e-9),
+        tokens_per_s=window.tokens / max(window.seconds, 1e-9),
+    )
+    log.log(step, metrics)
+
+
+def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: str) -> dict[str, Any]:
+    """The loop: step, sync the TR-DPO reference, log, evaluate, checkpoint."""
+    from tqdm.auto import tqdm
+
+    p, acc = run.params, run.accelerator
+    timer, window, pairs_seen = Timer("dpo"), Window.empty(), 0
+    bar = tqdm(total=run.total_steps, initial=start, unit="step", desc="dpo", disable=not acc.is_main_process)
+    for step, micros, n_global in schedule(run, start):
+        t0 = time.perf_counter()
+        stats = train_step(run, step, micros, n_global)
+        window.add(stats.sums, stats.pairs, stats.tokens, time.perf_counter() - t0)
+        pairs_seen += stats.pairs
+        if p.ref_sync_steps and step % p.ref_sync_steps == 0:
+            sync_reference(run)
+        if step % p.logging_steps == 0 or step == run.total_steps:
+            log_window(log, step, window, stats)
+            window = Window.empty()
+        if run.eval is not None and (step % p.eval_steps == 0 or step == run.total_steps):
+            log.log(step, evaluate(run))
+        if step % p.save_steps == 0 and step < run.total_steps:
+            save_checkpoint(acc, checkpoints, step, fp, run.scheduler, run.ref_scorer)
+        bar.update(1)
+    bar.close()
+    if acc.is_main_process:
+        timer.summary(pairs_seen, "pairs", steps=run.total_steps - start)
+    rate = pairs_seen / max(timer.seconds, 1e-9)
+    return {"steps": run.total_steps, "resumed_from": start, "train_pairs": len(run.train),
+            "train_seconds": round(timer.seconds, 2), "train_pairs_per_s": round(rate, 3)}  # fmt: skip
+
+
+def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoParams) -> tuple[DpoRun, Any]:
+    """Accelerator, data, policy (LoRA when asked), live reference, optimizer and scheduler."""
+    from accelerate import Accelerator
+
+    compute = resolve_dtype(params.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum)
+    seed_everything(params.seed)
+    tokenizer = load_tokenizer(model_dir)
+    require_chat_template(tokenizer, where=str(model_dir))
+    lengths = (params.max_length, params.max_prompt_length)
+    train_data = load_split(pairs_dir, "train", ref_logps, tokenizer, *lengths)
+    has_eval = (pairs_dir / "eval.parquet").exists()
+    eval_data = load_split(pairs_dir, "eval", ref_logps, tokenizer, *lengths) if has_eval else None
+    # full fine-tuning keeps float32 master weights (bf16 autocast on GPU); LoRA keeps the base in bf16
+    weights = str(compute).removeprefix("torch.") if params.peft.enabled else "float32"
+    model = load_causal_lm(model_dir, dtype=weights, device=acc.device)
+    if params.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = CompletionScorer(apply_peft(model, params)).train()
+    row_tokens = pack_row_tokens(scorer)
+    if params.compile:
+        scorer.compile(dynamic=True)
+    ref = load_reference(model_dir, params.dtype, acc.device) if params.reference == "live" else None
+    optimizer = build_optimizer(scorer, params)
+    global_size = params.batch_size * params.grad_accum * acc.num_processes
+    per_epoch = steps_per_epoch(len(train_data), global_size, params.grad_accum * acc.num_processes)
+    total = params.max_steps if params.max_steps > 0 else params.epochs * per_epoch
+    if per_epoch == 0:
+        raise ValueError(f"dpo: {len(train_data)} train pairs are too few for one step of {global_size}")
+    scheduler = build_scheduler(optimizer, params, total)
+    scorer, optimizer = acc.prepare(scorer, optimizer)
+    run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
+                 tokenizer.pad_token_id, total, row_tokens)  # fmt: skip
+    return run, tokenizer
+
+
+def run_dpo(
+    model_dir: Path,
+    pairs_dir: Path,
+    ref_logps: Path,
+    out_dir: Path,
+    checkpoints: Path,
+    metrics_dir: Path,
+    params: DpoParams,
+) -> dict[str, Any]:
+    """Train, resuming from a matching checkpoint; write ``out_dir`` and ``metrics_dir/metrics.json``."""
+    check_loss(params)
+    run, tokenizer = build_run(model_dir, pairs_dir, ref_logps, params)
+    acc = run.accelerator
+    fp = fingerprint(params, [model_dir, pairs_dir / "train.parquet", ref_logps])
+    if acc.is_main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        find_checkpoint(checkpoints, fp)  # deletes stale ones
+    acc.wait_for_everyone()
+    found = find_checkpoint(checkpoints, fp)
+    start = load_checkpoint(acc, found, run.scheduler, run.ref_scorer) if found else 0
+    if found and acc.is_main_process:
+        print(f"dpo: resuming from {found} (step {start} of {run.total_steps})", flush=True)
+    log = MetricsLog(metrics_dir, acc.is_main_process, resume_step=start)
+    summary = train(run, start, log, checkpoints, fp)
+    state = acc.get_state_dict(run.scorer)
+    if acc.is_main_process:
+        policy = acc.unwrap_model(run.scorer).model
+        full = None if params.peft.enabled else {k.removeprefix("model."): v for k, v in state.items()}
+        save_model(policy, full, tokenizer, out_dir)
+        log.close(summary)
+    acc.wait_for_everyone()
+    return summary

@@ -1,0 +1,34 @@
+"""Stage dpo: preference optimisation of models/sft on the train pairs (see alignpipe.dpo)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from alignpipe.cli import stage_main
+from alignpipe.dpo import run_dpo
+from alignpipe.params import load_section
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--model", type=Path, required=True, help="the SFT model folder (start and reference)"
+    )
+    parser.add_argument(
+        "--pairs", type=Path, required=True, help="folder with train.parquet and eval.parquet"
+    )
+    parser.add_argument("--ref-logps", type=Path, required=True, help="reference log-probs (ref_logps stage)")
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (persist)")
+    parser.add_argument(
+        "--metrics-dir", type=Path, required=True, help="DVCLive folder (metrics.json, plots)"
+    )
+    args = parser.parse_args()
+    params = load_section("dpo")
+    run_dpo(args.model, args.pairs, args.ref_logps, args.out, args.checkpoints, args.metrics_dir, params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Stage ref_logps: reference log-probs of every pair under models/sft (see alignpipe.ref_logps)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from alignpipe.cli import stage_main
+from alignpipe.params import load_section
+from alignpipe.ref_logps import run_ref_logps
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="the reference (SFT) model folder")
+    parser.add_argument(
+        "--pairs", type=Path, required=True, help="folder with train.parquet and eval.parquet"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output parquet (schema.REF_LOGPS)")
+    args = parser.parse_args()
+    params = load_section("ref_logps")
+    dpo = load_section("dpo")  # reads only dpo.max_length and dpo.max_prompt_length (the tokenization)
+    run_ref_logps(args.model, args.pairs, args.out, params, dpo.max_length, dpo.max_prompt_length)
+
+
+if __name__ == "__main__":
+    main()
