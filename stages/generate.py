@@ -1,0 +1,37 @@
+"""Stage ``generate``: N sampled completions per train prompt (best-of-N), sharded and resumable.
+
+    python stages/generate.py --model models/sft --prompts data/prepared/prompts.parquet \
+        --out data/generations --metrics reports/generate.json [--shard I]
+
+``--shard I`` runs shard I of ``generate.num_shards`` only (on another GPU or machine);
+see ``alignpipe.generate`` for how shards are combined.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from alignpipe.cli import stage_main
+from alignpipe.generate import run_generate
+from alignpipe.params import GenerateParams, load_section
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="policy model folder (models/sft)")
+    parser.add_argument("--prompts", required=True, help="prompts parquet (schema PROMPTS)")
+    parser.add_argument("--out", required=True, help="output folder of chunk parquet files")
+    parser.add_argument("--metrics", default=None, help="metrics JSON (throughput, lengths)")
+    parser.add_argument(
+        "--shard", type=int, default=None, help="run only this shard (0-based) of generate.num_shards"
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file")
+    args = parser.parse_args()
+    params = load_section("generate", args.params)
+    assert isinstance(params, GenerateParams)
+    run_generate(args.model, args.prompts, args.out, params, shard=args.shard, metrics_path=args.metrics)
+
+
+if __name__ == "__main__":
+    main()
