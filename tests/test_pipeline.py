@@ -42,3 +42,40 @@ def test_a_failing_stage_loses_no_artifact(workspace):
     assert not list((workspace / "data").glob("**/.*.tmp")), "a temporary file was left behind"
     dvc(workspace, "checkout", "prepare")
     assert (workspace / "data/prepared/sft.parquet").read_bytes() == before
+
+
+REWARD_MODULE = '''
+def score(prompts, completions):
+    """A deterministic toy reward with spread: distinct characters of the answer."""
+    return [float(len(set(c)) % 5) for c in completions]
+'''
+
+TINY_PIPELINE = {
+    "data": {"builtin": {"n_sft": 16, "n_prompts": 16, "n_eval": 6}},
+    "sft": {"batch_size": 4, "save_steps": 2},
+    "generate": {"n": 4, "max_new_tokens": 8, "chunk_prompts": 4},
+    "reward": {"kind": "python", "function": "toy_reward:score"},
+    "pairs": {"allow_truncated": True, "eval_fraction": 0.25},
+    "dpo": {"batch_size": 4, "eval_steps": 2, "save_steps": 2, "max_length": 64, "max_prompt_length": 48},
+    "evaluate": {"max_new_tokens": 8, "n_examples": 2},
+}
+
+
+def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, tiny_model_dir):
+    ws = make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, **TINY_PIPELINE})
+    (ws / "toy_reward.py").write_text(REWARD_MODULE)
+    first = dvc(ws, "repro")
+    assert sorted(ran_stages(first.stdout)) == sorted(
+        ["base_model", "prepare", "sft", "generate", "score", "pairs", "ref_logps", "dpo", "evaluate"]
+    )
+    for path in ("models/dpo/model.safetensors", "reports/eval.json", "reports/eval.md", "data/ref_logps.parquet"):
+        assert (ws / path).exists(), path
+    assert dvc(ws, "status").stdout.strip().endswith("up to date.")
+
+    set_params(ws, {"dpo": {"beta": 0.3}})
+    dry = dvc(ws, "repro", "--dry")
+    assert sorted(ran_stages(dry.stdout)) == ["dpo", "evaluate"]
+    ref_before = (ws / "data/ref_logps.parquet").read_bytes()
+    again = dvc(ws, "repro")
+    assert sorted(ran_stages(again.stdout)) == ["dpo", "evaluate"]
+    assert (ws / "data/ref_logps.parquet").read_bytes() == ref_before

@@ -191,6 +191,7 @@ class DpoParams(TrainParams):
 
 
 class EvaluateParams(SamplingParams):
+    n: PositiveInt = 1  # samples per prompt and model
     max_prompts: PositiveInt | None = None
     include_base: bool = False
     n_examples: NonNegInt = 5

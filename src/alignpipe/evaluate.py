@@ -1,0 +1,409 @@
+"""The ``evaluate`` stage: the DPO model against the SFT model (and the base) on held-out data.
+
+On the eval prompts (``data/prepared/eval_prompts.parquet``) each model samples ``evaluate.n``
+answers with the same backend, settings and per-prompt seeds (:func:`alignpipe.generation.sample`
+keyed by prompt id), and every answer is scored with the ``reward`` section's reward, so:
+
+- per model: mean reward, mean answer length in tokens (length exploitation shows here) and,
+  with the built-in reward, the pass rate (verifier score == 1) overall and per primary family
+  (``spec.constraints[0].family``);
+- win rate of DPO over SFT, answer against answer for the same prompt and sample index, ties 1/2;
+- KL(dpo || sft), Monte-Carlo: the mean over DPO's own answers y of
+  ``log p_dpo(y|x) - log p_sft(y|x)``, both through :mod:`alignpipe.logprobs` (the path of
+  ``ref_logps`` and ``dpo``), with its standard error over prompts. The answers are drawn from
+  the sampler (temperature, top-k/p), so this is exactly KL(dpo || sft) only at temperature 1
+  without truncation; otherwise it is that expectation under the sampler.
+
+On the eval pairs (``data/pairs/eval.parquet``): the DPO implicit-reward accuracy, the fraction of
+pairs with ``beta [(log p_dpo(c) - ref(c)) - (log p_dpo(r) - ref(r))] > 0``, and the mean of that
+margin, against the cached reference log-probs (``data/ref_logps.parquet``).
+
+:mod:`alignpipe.report` writes ``eval.json``, ``eval.md`` and the plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignpipe import schema
+from alignpipe.chat import Encoded, Message, encode_completion
+from alignpipe.cli import Timer
+from alignpipe.io import ArtifactError, read_parquet
+from alignpipe.logprobs import (
+    CompletionScorer,
+    EncodedPair,
+    collate_pairs,
+    length_sorted_batches,
+    load_reference,
+    pair_logps,
+)
+from alignpipe.params import DpoParams, EvaluateParams, RewardParams
+from alignpipe.runtime import load_tokenizer, pick_device
+
+MODELS = ("base", "sft", "dpo")  # column order of the reports
+MARGIN_TIE = 1e-5  # |implicit-reward margin| below this is fp32 noise: a tie (see pairs_metrics)
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    prompt_id: str
+    prompt: list[Message]
+    meta: str | None
+    family: str | None  # primary family of a built-in prompt, else None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One sampled answer of one model, with its reward (``passed``: None unless the reward is built-in)."""
+
+    prompt_id: str
+    sample_idx: int
+    completion: str
+    n_tokens: int
+    finish_reason: str
+    reward: float = math.nan
+    passed: bool | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.prompt_id, self.sample_idx
+
+
+@dataclass(frozen=True)
+class WinRate:
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def rate(self) -> float | None:
+        return (self.wins + 0.5 * self.ties) / self.n if self.n else None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its standard error (None with fewer than 2 groups) over ``n`` values."""
+
+    mean: float | None
+    stderr: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class PairsResult:
+    accuracy: float | None
+    margin_mean: float | None
+    n: int
+
+
+@dataclass
+class EvalResult:
+    """Everything the reports are made of."""
+
+    params: EvaluateParams
+    reward_name: str
+    builtin: bool
+    backend: str
+    prompts: list[EvalPrompt]
+    answers: dict[str, list[Answer]]  # model -> answers in (prompt, sample_idx) order
+    win: WinRate
+    kl: Estimate
+    pairs: PairsResult
+    beta: float  # dpo.beta, the scale of the implicit rewards
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def primary_family(meta: str | None) -> str | None:
+    """``spec.constraints[0].family`` of a built-in prompt's meta JSON; None for other prompts."""
+    if not meta:
+        return None
+    try:
+        spec = json.loads(meta)
+        return str(spec["constraints"][0]["family"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def win_rate(challenger: Sequence[Answer], incumbent: Sequence[Answer]) -> WinRate:
+    """Challenger's answers against the incumbent's with the same (prompt_id, sample_idx); ties count 1/2."""
+    theirs = {a.key: a.reward for a in incumbent}
+    if set(theirs) != {a.key for a in challenger}:
+        raise ValueError("win_rate: the two models answered different (prompt_id, sample_idx) sets")
+    wins = sum(a.reward > theirs[a.key] for a in challenger)
+    ties = sum(a.reward == theirs[a.key] for a in challenger)
+    return WinRate(wins, ties, len(challenger) - wins - ties)
+
+
+def kl_estimate(
+    policy_logps: Sequence[float], other_logps: Sequence[float], groups: Sequence[str]
+) -> Estimate:
+    """Mean of ``policy - other`` over samples drawn from the policy, and its standard error.
+
+    Samples of one prompt are not independent of each other, so the standard error is taken over
+    the per-prompt means (``groups``: the prompt id of each sample; with one sample per prompt this
+    is the usual ``stdev / sqrt(n)``).
+    """
+    by_group: dict[str, list[float]] = {}
+    for p, q, g in zip(policy_logps, other_logps, groups, strict=True):
+        by_group.setdefault(g, []).append(p - q)
+    if not by_group:
+        return Estimate(None, None, 0)
+    means = [statistics.fmean(v) for v in by_group.values()]
+    stderr = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else None
+    return Estimate(statistics.fmean(means), stderr, len(policy_logps))
+
+
+def pairs_metrics(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> PairsResult:
+    """Implicit-reward accuracy (margin > 0) and mean margin of the policy on pairs.
+
+    Margins within ``MARGIN_TIE`` of 0 count as ties, which are misses: the same model scored in
+    other batches (ref_logps packs, batch sizes differ) moves fp32 summed log-probs by ~1e-6, and a
+    policy equal to its reference should score 0, not a coin flip.
+    """
+    from alignpipe.losses import implicit_rewards
+
+    if chosen.numel() == 0:
+        return PairsResult(None, None, 0)
+    reward_c, reward_r = implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, beta)
+    margins = (reward_c - reward_r).double()
+    accuracy = (margins > MARGIN_TIE).double().mean().item()
+    return PairsResult(accuracy, margins.mean().item(), int(margins.numel()))
+
+
+def encode_answers(
+    tokenizer: Any,
+    prompts: Sequence[list[Message]],
+    answers: Sequence[Answer],
+    max_length: int,
+    max_prompt_length: int,
+) -> list[Encoded]:
+    """Answers as (prompt, completion) tokens; one cut at max_new_tokens keeps no EOS (none was sampled)."""
+    encoded = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        enc = encode_completion(
+            tokenizer,
+            prompt,
+            [{"role": "assistant", "content": answer.completion}],
+            max_length,
+            max_prompt_length,
+        )
+        if answer.finish_reason == "length" and not enc.truncated and enc.completion_ids:
+            enc = Encoded(enc.prompt_ids, enc.completion_ids[:-1], enc.truncated)
+        encoded.append(enc)
+    return encoded
+
+
+def packing_pays(scorer: CompletionScorer) -> bool:
+    """Pack sequences into one row only under flash attention (varlen kernels).
+
+    With sdpa or eager a packed row of T tokens attends through a dense T x T mask: on CPU, 16 pairs
+    of ~100 tokens took 33-45 s packed (one row of 3085) vs 25 s padded (32 x 119), SmolLM2-135M.
+    """
+    return "flash" in str(getattr(scorer.causal_lm.config, "_attn_implementation", ""))
+
+
+@torch.no_grad()
+def score_pairs(
+    scorer: CompletionScorer, pairs: Sequence[EncodedPair], batch_size: int, pad_token_id: int, desc: str
+) -> tuple[list[float], list[float]]:
+    """Summed completion log-probs of each pair's two sides, in ``pairs`` order (length-sorted batches)."""
+    from tqdm.auto import tqdm
+
+    device = next(scorer.parameters()).device
+    packed = packing_pays(scorer)
+    chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
+    with tqdm(total=len(pairs), unit="pair", desc=desc) as bar:
+        for index in length_sorted_batches(pairs, batch_size):
+            batch = collate_pairs([pairs[i] for i in index], packed, pad_token_id).to(device)
+            out = pair_logps(scorer, batch)
+            for i, c, r in zip(index, out.chosen_logps.tolist(), out.rejected_logps.tolist(), strict=True):
+                chosen[i], rejected[i] = c, r
+            bar.update(len(index))
+    return chosen, rejected
+
+
+def sequence_logps(
+    scorer: CompletionScorer, seqs: Sequence[Encoded], batch_size: int, pad_token_id: int, desc: str
+) -> list[float]:
+    """Summed completion log-prob of each sequence: two sequences ride in one pair of the pair path."""
+    pairs = [EncodedPair(str(k), seqs[k], seqs[min(k + 1, len(seqs) - 1)]) for k in range(0, len(seqs), 2)]
+    first, second = score_pairs(scorer, pairs, batch_size, pad_token_id, desc)
+    out = [v for pair in zip(first, second, strict=True) for v in pair]
+    return out[: len(seqs)]
+
+
+@contextlib.contextmanager
+def loaded_scorer(model_dir: str | os.PathLike, dtype: str) -> Iterator[tuple[Any, CompletionScorer]]:
+    """(tokenizer, frozen CompletionScorer) of a model folder, freed on exit."""
+    tokenizer = load_tokenizer(model_dir)
+    scorer = load_reference(model_dir, dtype, pick_device())
+    try:
+        yield tokenizer, scorer
+    finally:
+        del scorer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def load_eval_prompts(path: str | os.PathLike, max_prompts: int | None) -> list[EvalPrompt]:
+    rows = read_parquet(path, schema.PROMPTS)[:max_prompts]
+    if not rows:
+        raise ArtifactError(f"{path}: no eval prompts")
+    ids = [r["prompt_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ArtifactError(f"{path}: prompt_id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
+    return [EvalPrompt(r["prompt_id"], r["prompt"], r["meta"], primary_family(r["meta"])) for r in rows]
+
+
+def generate_answers(
+    model_dir: str | os.PathLike, prompts: Sequence[EvalPrompt], params: EvaluateParams, label: str
+) -> list[Answer]:
+    """``params.n`` answers per prompt; seeds are keyed by prompt id, so every model draws the same numbers."""
+    from tqdm.auto import tqdm
+
+    from alignpipe.generation import sample
+
+    timer = Timer(f"evaluate: generate {label}")
+    with tqdm(total=len(prompts), unit="prompt", desc=f"generate {label}") as bar:
+        texts, keys = [p.prompt for p in prompts], [p.prompt_id for p in prompts]
+        samples = sample(model_dir, texts, params, params.n, keys=keys, progress=bar.update)
+    answers = [
+        Answer(prompts[s.prompt_index].prompt_id, s.sample_idx, s.completion, s.n_tokens, s.finish_reason)
+        for s in samples
+    ]
+    timer.summary(sum(a.n_tokens for a in answers), "tokens", samples=len(answers))
+    return answers
+
+
+def score_answers(
+    reward_params: RewardParams, prompts: Sequence[EvalPrompt], answers: dict[str, list[Answer]]
+) -> tuple[dict[str, list[Answer]], str]:
+    """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward."""
+    from dataclasses import replace
+
+    from alignpipe.rewards import get_reward, score_completions
+
+    by_id = {p.prompt_id: p for p in prompts}
+    flat = [(model, a) for model, rows in answers.items() for a in rows]
+    timer = Timer("evaluate: reward")
+    reward = get_reward(reward_params)
+    try:
+        results = score_completions(
+            reward,
+            [by_id[a.prompt_id].prompt for _, a in flat],
+            [a.completion for _, a in flat],
+            [by_id[a.prompt_id].meta for _, a in flat],
+            labels=[f"({m}, prompt_id={a.prompt_id}, sample_idx={a.sample_idx})" for m, a in flat],
+        )
+    finally:
+        reward.close()
+    builtin = reward_params.kind == "builtin"
+    scored: dict[str, list[Answer]] = {m: [] for m in answers}
+    for (model, a), res in zip(flat, results, strict=True):
+        scored[model].append(replace(a, reward=res.reward, passed=(res.reward == 1.0) if builtin else None))
+    timer.summary(len(flat), "answers")
+    return scored, reward.name
+
+
+def policy_logps(
+    dpo_dir: str | os.PathLike,
+    sft_dir: str | os.PathLike,
+    prompts: Sequence[EvalPrompt],
+    dpo_answers: Sequence[Answer],
+    pairs_path: str | os.PathLike,
+    ref_logps_path: str | os.PathLike,
+    params: EvaluateParams,
+    dpo: DpoParams,
+) -> tuple[Estimate, PairsResult]:
+    """KL(dpo || sft) on DPO's answers, and the DPO implicit-reward accuracy on the eval pairs."""
+    from alignpipe.dpo_data import join_ref_logps, read_pairs
+
+    by_id = {p.prompt_id: p.prompt for p in prompts}
+    answer_prompts = [by_id[a.prompt_id] for a in dpo_answers]
+    timer = Timer("evaluate: log-probs")
+    logps: dict[str, list[float]] = {}
+    with loaded_scorer(dpo_dir, params.dtype) as (tokenizer, scorer):
+        seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
+        logps["dpo"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps dpo")
+        pairs = read_pairs(Path(pairs_path), tokenizer, dpo.max_length, dpo.max_prompt_length)
+        ref_rows = {r["pair_id"]: r for r in read_parquet(ref_logps_path, schema.REF_LOGPS)}
+        joined = join_ref_logps(pairs, ref_rows, where=str(ref_logps_path))
+        chosen, rejected = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
+    del scorer  # one model in memory at a time
+    with loaded_scorer(sft_dir, params.dtype) as (tokenizer, scorer):
+        seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
+        logps["sft"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps sft")
+    kl = kl_estimate(logps["dpo"], logps["sft"], [a.prompt_id for a in dpo_answers])
+    pairs_result = pairs_metrics(
+        torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64),
+        joined.ref_chosen.double(), joined.ref_rejected.double(), dpo.beta,
+    )  # fmt: skip
+    timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
+    return kl, pairs_result
+
+
+def run_evaluate(
+    models: Mapping[str, str | os.PathLike],
+    prompts_path: str | os.PathLike,
+    pairs_path: str | os.PathLike,
+    ref_logps_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    params: EvaluateParams,
+    reward_params: RewardParams,
+    dpo: DpoParams,
+    curves: Mapping[str, str | os.PathLike] | None = None,
+) -> dict[str, Any]:
+    """Run the stage; ``models`` maps "sft", "dpo" (and "base", used when ``include_base``) to folders.
+
+    Writes ``out_dir/eval.json``, ``out_dir/eval.md`` and ``out_dir/eval/`` (plot data and PNGs);
+    ``curves`` maps "sft"/"dpo" to the training stages' DVCLive plot folders. Returns eval.json.
+    """
+    from alignpipe.generation import resolve_backend
+    from alignpipe.report import eval_metrics, write_reports
+
+    total = Timer("evaluate")
+    prompts = load_eval_prompts(prompts_path, params.max_prompts)
+    labels = [m for m in MODELS if m != "base" or params.include_base]
+    answers = {m: generate_answers(models[m], prompts, params, m) for m in labels}
+    answers, reward_name = score_answers(reward_params, prompts, answers)
+    kl, pairs = policy_logps(models["dpo"], models["sft"], prompts, answers["dpo"], pairs_path, ref_logps_path,
+                             params, dpo)  # fmt: skip
+    result = EvalResult(
+        params=params,
+        reward_name=reward_name,
+        builtin=reward_params.kind == "builtin",
+        backend=resolve_backend(params.backend),
+        prompts=prompts,
+        answers=answers,
+        win=win_rate(answers["dpo"], answers["sft"]),
+        kl=kl,
+        pairs=pairs,
+        beta=dpo.beta,
+        seconds={"total": round(total.seconds, 1)},
+    )
+    metrics = eval_metrics(result)
+    write_reports(result, metrics, Path(out_dir), curves or {})
+    total.summary(
+        sum(len(a) for a in answers.values()), "answers", win_rate=metrics["win_rate"], kl=metrics["kl"]
+    )
+    return metrics

@@ -1,0 +1,415 @@
+"""The ``evaluate`` stage's reports: per-model summaries (mean reward, pass rates, length) and the
+files ``eval.json`` (DVC metrics), ``eval.md``, plot data and PNGs.
+
+Layout under the stage's ``--out-dir`` (``reports/``)::
+
+    eval.json              metrics (``dvc metrics show``)
+    eval.md                metrics table, plots, examples side by side
+    eval/rewards.csv       reward histogram: model, bin, count (``dvc plots show``)
+    eval/pass_rate.csv     family, model, pass_rate, samples (built-in reward only; else header only)
+    eval/reward_hist.png, eval/pass_rate.png, eval/training_curves.png   (matplotlib, for eval.md)
+
+The CSVs are long tables, one row per (model, category); ``configs/plots/grouped_bars.json`` is
+the DVC template that draws them as bars grouped by model.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from alignpipe.data.builtin import FAMILIES
+from alignpipe.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    from alignpipe.evaluate import Answer, EvalResult
+
+TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
+COLORS = {"base": "#9e9e9e", "sft": "#4c78a8", "dpo": "#f58518"}  # the vega-lite palette of dvc plots
+MAX_EXACT_BINS = 12  # rewards with at most this many distinct values get one bin per value
+HIST_BINS = 20
+# DVCLive files of the training stages (reports/<stage>/plots/metrics/<name>.tsv): (label, file).
+CURVES = {
+    "sft": [("train", "train/loss.tsv"), ("eval", "eval/loss.tsv")],
+    "dpo": [("train", "loss.tsv"), ("eval pairs", "eval/loss.tsv")],
+    "dpo_accuracy": [("train", "rewards/accuracies.tsv"), ("eval pairs", "eval/rewards/accuracies.tsv")],
+}
+
+
+def pass_rates(
+    families: Sequence[str | None], passed: Sequence[bool]
+) -> tuple[float | None, dict[str, float], dict[str, int]]:
+    """Overall pass rate, pass rate per family and samples per family (FAMILIES order first)."""
+    counts: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    for family, ok in zip(families, passed, strict=True):
+        name = family or "other"
+        counts[name] = counts.get(name, 0) + 1
+        hits[name] = hits.get(name, 0) + bool(ok)
+    order = [f for f in FAMILIES if f in counts] + sorted(set(counts) - set(FAMILIES))
+    overall = sum(map(bool, passed)) / len(passed) if passed else None
+    return overall, {f: hits[f] / counts[f] for f in order}, {f: counts[f] for f in order}
+
+
+def model_summary(
+    answers: Sequence[Answer], families: Mapping[str, str | None], builtin: bool
+) -> dict[str, Any]:
+    """``eval.json`` entry of one model; pass rates are None unless the reward is built-in."""
+    rewards = [a.reward for a in answers]
+    summary: dict[str, Any] = {
+        "reward_mean": _round(statistics.fmean(rewards)),
+        "reward_std": _round(statistics.pstdev(rewards)),
+        "pass_rate": None,
+        "length_mean": _round(statistics.fmean(a.n_tokens for a in answers)),
+        "finish_length_rate": _round(sum(a.finish_reason == "length" for a in answers) / len(answers)),
+        "samples": len(answers),
+        "pass_rate_by_family": None,
+    }
+    if builtin:
+        overall, by_family, _ = pass_rates(
+            [families[a.prompt_id] for a in answers], [bool(a.passed) for a in answers]
+        )
+        summary["pass_rate"] = _round(overall)
+        summary["pass_rate_by_family"] = {f: _round(r) for f, r in by_family.items()}
+    return summary
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def eval_metrics(result: EvalResult) -> dict[str, Any]:
+    """The content of ``eval.json``."""
+    families = {p.prompt_id: p.family for p in result.prompts}
+    metrics: dict[str, Any] = {
+        "reward": result.reward_name,
+        "prompts": len(result.prompts),
+        "n": result.params.n,
+    }
+    for model, answers in result.answers.items():
+        metrics[model] = model_summary(answers, families, result.builtin)
+    win = result.win
+    metrics.update(
+        win_rate=_round(win.rate), wins=win.wins, ties=win.ties, losses=win.losses,
+        kl=_round(result.kl.mean), kl_stderr=_round(result.kl.stderr), kl_samples=result.kl.n,
+        pairs_accuracy=_round(result.pairs.accuracy), pairs_margin_mean=_round(result.pairs.margin_mean),
+        pairs=result.pairs.n,
+    )  # fmt: skip
+    if result.builtin:
+        dpo = result.answers["dpo"]
+        metrics["family_counts"] = pass_rates([families[a.prompt_id] for a in dpo], [False] * len(dpo))[2]
+    metrics["seconds"] = result.seconds.get("total")
+    return metrics
+
+
+def write_reports(
+    result: EvalResult, metrics: dict[str, Any], out_dir: Path, curves: Mapping[str, Any], pngs: bool = True
+) -> None:
+    """Write every report file; ``pngs=False`` skips the matplotlib figures (fast tests)."""
+    plots = out_dir / "eval"
+    rewards = {m: [a.reward for a in answers] for m, answers in result.answers.items()}
+    hist = reward_histogram(rewards)
+    _write_csv(plots / "rewards.csv", ["model", "bin", "count"], hist)
+    rates = pass_rate_rows(metrics, list(result.answers))
+    _write_csv(plots / "pass_rate.csv", ["family", "model", "pass_rate", "samples"], rates)
+    if pngs:
+        _save_png(plot_reward_hist(hist, list(result.answers), result.reward_name), plots / "reward_hist.png")
+        _save_png(plot_pass_rate(rates, list(result.answers)), plots / "pass_rate.png")
+        _save_png(
+            plot_training_curves({k: Path(v) for k, v in curves.items()}), plots / "training_curves.png"
+        )
+    with atomic_path(out_dir / "eval.md") as tmp:
+        tmp.write_text(render_markdown(result, metrics))
+    write_json(metrics, out_dir / "eval.json")
+
+
+def reward_histogram(rewards: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
+    """Rows (model, bin, count) on bins shared by every model, every bin listed for every model.
+
+    Few distinct values (the built-in reward: 0, 1/2, 1): one bin per value, labelled by it;
+    otherwise ``HIST_BINS`` equal bins over the range, labelled by their centre.
+    """
+    values = sorted({v for vs in rewards.values() for v in vs})
+    if not values:
+        return []
+    if len(values) <= MAX_EXACT_BINS:
+        labels, index = [_fmt(v) for v in values], {v: i for i, v in enumerate(values)}
+        counts = {m: _count([index[v] for v in vs], len(values)) for m, vs in rewards.items()}
+    else:
+        lo, hi = values[0], values[-1]
+        width = (hi - lo) / HIST_BINS
+        labels = [_fmt(lo + (i + 0.5) * width) for i in range(HIST_BINS)]
+        counts = {
+            m: _count([min(int((v - lo) / width), HIST_BINS - 1) for v in vs], HIST_BINS)
+            for m, vs in rewards.items()
+        }
+    return [
+        {"model": m, "bin": label, "count": c[i]} for m, c in counts.items() for i, label in enumerate(labels)
+    ]
+
+
+def pass_rate_rows(metrics: Mapping[str, Any], models: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows (family, model, pass_rate, samples); none when pass rates are null (reward not built-in)."""
+    counts = metrics.get("family_counts") or {}
+    return [
+        {"family": family, "model": m, "pass_rate": metrics[m]["pass_rate_by_family"][family], "samples": n}
+        for family, n in counts.items()
+        for m in models
+        if metrics[m]["pass_rate_by_family"] is not None
+    ]
+
+
+def _count(indices: Sequence[int], n: int) -> list[int]:
+    out = [0] * n
+    for i in indices:
+        out[i] += 1
+    return out
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if value != 0 else "0"
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def md_cell(text: str) -> str:
+    """Text safe inside a markdown table cell: HTML escaped, pipes escaped, newlines as <br>, indents kept."""
+    escaped = html.escape(text.strip(), quote=False).replace("|", "\\|").replace("`", "\\`")
+    lines = [line.lstrip(" ") for line in escaped.splitlines()]
+    indents = [len(raw) - len(line) for raw, line in zip(escaped.splitlines(), lines, strict=True)]
+    return "<br>".join("&nbsp;" * n + line for n, line in zip(indents, lines, strict=True)) or "*(empty)*"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return (
+        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    )
+
+
+def _metrics_table(metrics: Mapping[str, Any], models: Sequence[str]) -> list[str]:
+    lines = [
+        "| metric | " + " | ".join(TITLES[m] for m in models) + " |",
+        "|---|" + "---:|" * len(models),
+    ]
+
+    def row(name: str, values: Sequence[str]) -> None:
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+
+    row("mean reward", [_num(metrics[m]["reward_mean"]) for m in models])
+    row("pass rate (all families)", [_num(metrics[m]["pass_rate"]) for m in models])
+    for family, n in (metrics.get("family_counts") or {}).items():
+        row(f"pass rate: {family} (n={n})", [_num(metrics[m]["pass_rate_by_family"][family]) for m in models])
+    row("mean length (tokens)", [_num(metrics[m]["length_mean"], 1) for m in models])
+    row("cut at max_new_tokens", [_num(metrics[m]["finish_length_rate"]) for m in models])
+    return lines
+
+
+def _comparison_table(metrics: Mapping[str, Any], beta: float | None = None) -> list[str]:
+    win = metrics["win_rate"]
+    kl, se = metrics["kl"], metrics["kl_stderr"]
+    kl_text = "n/a" if kl is None else f"{kl:.4g}" + ("" if se is None else f" ± {se:.2g}")
+    return [
+        "| DPO vs SFT | value |",
+        "|---|---|",
+        f"| win rate (ties count 1/2) | {_num(win)} ({metrics['wins']} wins, {metrics['ties']} ties, "
+        f"{metrics['losses']} losses) |",
+        f"| KL(DPO ‖ SFT), nats per answer | {kl_text} (n={metrics['kl_samples']}) |",
+        f"| implicit-reward accuracy on eval pairs | {_num(metrics['pairs_accuracy'])} (n={metrics['pairs']}) |",
+        f"| mean implicit-reward margin | {_num(metrics['pairs_margin_mean'], 4)} |",
+    ]
+
+
+def _examples(result: EvalResult, models: Sequence[str]) -> list[str]:
+    by_key = {m: {a.key: a for a in answers} for m, answers in result.answers.items()}
+    lines: list[str] = []
+    for prompt in result.prompts[: result.params.n_examples]:
+        key = (prompt.prompt_id, 0)
+        family = f" ({prompt.family})" if prompt.family else ""
+        lines += [f"### {prompt.prompt_id}{family}", ""]
+        lines += [f"> **{m['role']}:** {md_cell(m['content'])}" for m in prompt.prompt] + [""]
+        answers: list[Answer] = [by_key[m][key] for m in models]
+        lines.append(
+            "| "
+            + " | ".join(
+                f"{TITLES[m]} (reward {_num(a.reward)})" for m, a in zip(models, answers, strict=True)
+            )
+            + " |"
+        )
+        lines.append("|" + "---|" * len(models))
+        lines.append(
+            "| "
+            + " | ".join(
+                md_cell(a.completion) + (" …" if a.finish_reason == "length" else "") for a in answers
+            )
+            + " |"
+        )
+        lines.append("")
+    return lines
+
+
+def render_markdown(result: EvalResult, metrics: Mapping[str, Any]) -> str:
+    models = list(result.answers)
+    p = result.params
+    sampler = f"temperature {p.temperature}, top_p {p.top_p}, top_k {p.top_k}"
+    lines = [
+        "# Evaluation: DPO vs SFT",
+        "",
+        f"{len(result.prompts)} held-out prompts x {p.n} answer(s) per model; backend {result.backend}, "
+        f"{sampler}, max_new_tokens {p.max_new_tokens}, seed {p.seed} (the same for every model); "
+        f"reward `{result.reward_name}`.",
+        "",
+        *_metrics_table(metrics, models),
+        "",
+        "Pass rate: share of answers whose built-in verifier score is 1, per primary family "
+        "(the prompt's first constraint)."
+        if result.builtin
+        else "Pass rates need `reward.kind: builtin`.",
+        "",
+        *_comparison_table(metrics),
+        "",
+        "KL is a Monte-Carlo estimate of KL(DPO ‖ SFT): the mean over the DPO model's own answers y of "
+        "log p_DPO(y|x) − log p_SFT(y|x), ± one standard error over prompts"
+        + (
+            "."
+            if p.temperature == 1 and p.top_p == 1 and p.top_k == 0
+            else f". The answers come from the sampler ({sampler}), not from p_DPO itself, so this is that "
+            "expectation under the sampler, not the exact KL."
+        ),
+        "",
+        f"Implicit-reward margin of a held-out pair: beta [(log p_DPO(c) − log p_ref(c)) − (log p_DPO(r) − "
+        f"log p_ref(r))] with beta = {result.beta} and the cached reference (SFT) log-probs; accurate when > 0 "
+        "(a margin under 1e-5 is fp32 noise: a tie, counted as a miss).",
+        "",
+        "## Plots",
+        "",
+        "![Reward distribution](eval/reward_hist.png)",
+        "",
+        "![Pass rate per family](eval/pass_rate.png)" if result.builtin else "",
+        "",
+        "![Training curves](eval/training_curves.png)",
+        "",
+        f"## Examples (first {min(p.n_examples, len(result.prompts))} eval prompts, sample 0)",
+        "",
+        *_examples(result, models),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height), dpi=110, layout="constrained", squeeze=False)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    from matplotlib import pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _grouped_bars(ax: Any, categories: Sequence[str], values: Mapping[str, Sequence[float]]) -> None:
+    width = 0.8 / max(len(values), 1)
+    for k, (model, vals) in enumerate(values.items()):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(categories))]
+        ax.bar(xs, vals, width, label=TITLES[model], color=COLORS[model])
+    ax.set_xticks(range(len(categories)), categories)
+    ax.legend(title="model", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_reward_hist(rows: Sequence[Mapping[str, Any]], models: Sequence[str], reward_name: str) -> Any:
+    fig, axes = _figure(7, 3.8)
+    ax = axes[0][0]
+    bins = list(dict.fromkeys(r["bin"] for r in rows))
+    _grouped_bars(ax, bins, {m: [r["count"] for r in rows if r["model"] == m] for m in models})
+    binned = len(bins) > MAX_EXACT_BINS
+    ax.set(title=f"Reward on eval prompts ({reward_name})", xlabel="reward (bin centre)" if binned else "reward",
+           ylabel="answers")  # fmt: skip
+    if binned:
+        ax.tick_params(axis="x", labelrotation=45)
+    return fig
+
+
+def plot_pass_rate(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> Any:
+    fig, axes = _figure(8, 4)
+    ax = axes[0][0]
+    if not rows:
+        ax.text(0.5, 0.5, "pass rates need reward.kind: builtin", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    _grouped_bars(ax, families, {m: [r["pass_rate"] for r in rows if r["model"] == m] for m in models})
+    ax.set(title="Pass rate per primary family (verifier score = 1)", ylabel="pass rate", ylim=(0, 1.05))
+    ax.tick_params(axis="x", labelrotation=30)
+    return fig
+
+
+def read_curve(path: Path) -> tuple[list[float], list[float]]:
+    """(steps, values) of a DVCLive ``.tsv`` (columns step, <name>[, timestamp]); empty if missing."""
+    if not path.exists():
+        return [], []
+    with path.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows:
+        return [], []
+    name = next(c for c in rows[0] if c not in ("step", "timestamp"))
+    return [float(r["step"]) for r in rows], [float(r[name]) for r in rows]
+
+
+def plot_training_curves(dirs: Mapping[str, Path]) -> Any:
+    """Three panels: SFT loss, DPO loss, DPO implicit-reward accuracy (train and eval where logged)."""
+    fig, axes = _figure(13, 3.6, ncols=3)
+    panels = [
+        ("sft", "sft", "SFT loss", "loss"),
+        ("dpo", "dpo", "DPO loss", "loss"),
+        ("dpo", "dpo_accuracy", "DPO implicit-reward accuracy", "accuracy"),
+    ]
+    for ax, (stage, key, title, ylabel) in zip(axes[0], panels, strict=True):
+        folder = dirs.get(stage)
+        drawn = 0
+        for label, name in CURVES[key] if folder else []:
+            steps, values = read_curve(folder / name)
+            if steps:
+                style = "-" if label == "train" else "--"
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    color=COLORS[stage],
+                    marker="o" if len(steps) < 4 else None,
+                    label=label,
+                )
+                drawn += 1
+        if drawn:
+            ax.legend(frameon=False)
+            ax.grid(alpha=0.3)
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                f"no curve logged\n({folder or 'not given'})",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+            )
+        ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+    return fig
