@@ -155,6 +155,7 @@ def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArgument
         activation_checkpointing=params.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=params.logging_steps,
+        logging_first_step=True,  # a curve point even when the run is shorter than logging_steps
         save_strategy="steps",
         save_steps=params.save_steps,
         save_total_limit=1,  # the resume point; older ones are deleted once a newer one is complete
