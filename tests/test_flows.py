@@ -258,7 +258,7 @@ def test_form_baseline_for_null_sections_is_the_models_defaults_only_for_a_full_
 def test_render_params_keeps_every_other_byte_of_the_real_params_yaml():
     text = (ROOT / "params.yaml").read_text()
     assert render_params(text, []) == text
-    changes = [Change("dpo.beta", 0.1, 0.25), Change("dpo.learning_rate", 5e-6, 1e-5),
+    changes = [Change("dpo.beta", 0.1, 0.25), Change("dpo.learning_rate", 3e-5, 1e-5),
                Change("dpo.loss_type", "sigmoid", ["sigmoid", "sft"]), Change("dpo.rpo_alpha", None, 1.0)]  # fmt: skip
     new = render_params(text, changes)
     diff = [(a, b) for a, b in zip(text.splitlines(), new.splitlines(), strict=True) if a != b]
@@ -268,7 +268,7 @@ def test_render_params_keeps_every_other_byte_of_the_real_params_yaml():
         ("  beta: 0.1                 # KL strength", "  beta: 0.25                # KL strength"),
         ("  rpo_alpha: null           # weight of an NLL term on chosen (RPO; null = off)",
          "  rpo_alpha: 1.0            # weight of an NLL term on chosen (RPO; null = off)"),
-        ("  learning_rate: 5.0e-6     # peak learning rate", "  learning_rate: 1.0e-05    # peak learning rate"),
+        ("  learning_rate: 3.0e-5     # peak learning rate", "  learning_rate: 1.0e-05    # peak learning rate"),
     ]  # fmt: skip
     assert yaml.safe_load(new)["dpo"]["learning_rate"] == 1e-5  # a float for PyYAML too, not "1e-05"
 

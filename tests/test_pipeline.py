@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from workspace import dvc, make_workspace, ran_stages, set_params
 
 from alignpipe import schema
 from alignpipe.io import read_parquet
-from workspace import dvc, make_workspace, ran_stages, set_params
 
 pytestmark = pytest.mark.slow
 

@@ -126,11 +126,20 @@ def stage_status(output: Iterable[str], stage: str) -> str:
 
 
 def error_message(stderr: Sequence[str], returncode: int) -> str:
-    """The stage's own message: its last ``error: ...`` line, else DVC's last ``ERROR:`` line."""
+    """The stage's own message: its last ``error: ...`` line, else DVC's last ``ERROR:`` line.
+
+    Indented lines right after it are part of it (DVC names the process that holds a lock there).
+    """
+    lines = list(stderr)
     for prefix in ("error:", "ERROR:"):
-        found = [line.strip() for line in stderr if line.startswith(prefix)]
+        found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
         if found:
-            return found[-1]
+            parts = [lines[found[-1]].strip()]
+            for line in lines[found[-1] + 1 :]:
+                if not line.strip() or not line[0].isspace():
+                    break
+                parts.append(line.strip())
+            return " ".join(parts)
     tail = [line.strip() for line in stderr if line.strip()]
     return tail[-1] if tail else f"exited with {returncode}"
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from safetensors import SafetensorError
 
 
 class ArtifactError(RuntimeError):
@@ -28,11 +29,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
     Works for files and folders. On an exception the temporary is removed and
-    whatever was at ``path`` before is left untouched.
+    whatever was at ``path`` before is left untouched; an I/O error (full disk,
+    no permission) becomes an :class:`ArtifactError` that names ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot write here ({_oneline(exc)})") from exc
     target = tmp / path.name
     try:
         yield target
@@ -44,8 +49,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
+    except (OSError, SafetensorError) as exc:  # a full disk, a quota, a read-only mount: name the artifact
+        raise ArtifactError(f"{path}: write failed, nothing was replaced ({_oneline(exc)})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _oneline(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def write_parquet(rows: list[dict[str, Any]], path: str | os.PathLike, schema: pa.Schema) -> None:
@@ -68,8 +79,22 @@ def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> li
         missing = [name for name in schema.names if name not in table.column_names]
         if missing:
             raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}")
-        table = table.select(schema.names)
+        table = _cast(table.select(schema.names), schema, path)
     return table.to_pylist()
+
+
+def _cast(table: pa.Table, schema: pa.Schema, path: Path) -> pa.Table:
+    """``table`` with the schema's column types; a column that cannot be cast is named."""
+    for field in schema:
+        actual = table.schema.field(field.name).type
+        if actual == field.type:
+            continue
+        try:
+            column = table.column(field.name).cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            raise ArtifactError(f"{path}: column '{field.name}' is {actual}, expected {field.type}") from None
+        table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
+    return table
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 
 class ModelFolderError(ValueError):
@@ -59,6 +60,8 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
 
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ModelFolderError(f"{path}: the tokenizer has neither a pad token nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -81,6 +84,8 @@ def load_causal_lm(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError) as exc:
-        raise ModelFolderError(f"{path}: cannot load the model ({' '.join(str(exc).split())[:300]})") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt file
+        raise ModelFolderError(
+            f"{path}: cannot load the model ({' '.join(str(exc).split())[:300]})"
+        ) from None
     return model.to(device)

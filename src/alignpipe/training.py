@@ -51,8 +51,13 @@ def apply_peft(model: nn.Module, params: TrainParams) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has the kernel (CPU and CUDA float weights; what transformers' Trainer
+    uses by default): one 135M-parameter step took 0.6 s fused vs 7.6 s for-each on 2 CPU cores."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
+    return torch.optim.AdamW(
+        trainable, lr=params.learning_rate, weight_decay=params.weight_decay, fused=fused or None
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, params: TrainParams, total_steps: int) -> Any:
@@ -166,6 +171,7 @@ class MetricsLog:
 
         if resume_step:
             _truncate_history(metrics_dir / "plots" / "metrics", resume_step)
+            _drop_unreadable(metrics_dir / "metrics.json")
         self.live = Live(dir=str(metrics_dir), resume=bool(resume_step), save_dvc_exp=False, dvcyaml=None)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -183,15 +189,29 @@ class MetricsLog:
         self.live.make_summary()
 
 
+def _drop_unreadable(summary: Path) -> None:
+    """Delete a summary that a kill cut mid-write (DVCLive's resume would fail on it; it is rewritten)."""
+    try:
+        json.loads(summary.read_text())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        summary.unlink()
+
+
 def _truncate_history(plots: Path, step: int) -> None:
     """Drop points logged after ``step`` by an interrupted run (they are logged again on resume)."""
     for tsv in plots.rglob("*.tsv"):
         with tsv.open() as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
-        kept = [r for r in rows if int(r["step"]) <= step]
+        kept = [
+            r
+            for r in rows
+            if (r["step"] or "").isdigit() and int(r["step"]) <= step and None not in r.values()
+        ]
         if len(kept) != len(rows) and rows:
             with tsv.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
                 writer.writeheader()
                 writer.writerows(kept)
 

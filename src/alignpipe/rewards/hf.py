@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from alignpipe.chat import Message, encode_ids
@@ -157,7 +158,7 @@ def load_reward_model(source: str, dtype: torch.dtype, trust_remote_code: bool =
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt file
         raise RewardError(f"reward.model {source!r}: cannot load the model ({_short(exc)})") from None
     missing = list(info.get("missing_keys") or [])
     if missing:
