@@ -31,6 +31,7 @@ from alignpipe.logprobs import (
     load_reference,
     pack_row_tokens,
     pair_logps,
+    shares_prompt,
 )
 from alignpipe.params import DpoParams
 from alignpipe.runtime import load_causal_lm, load_tokenizer, resolve_dtype, seed_everything
@@ -68,6 +69,7 @@ class DpoRun:
     pad_token_id: int
     total_steps: int
     row_tokens: int | None  # padding-free row capacity (logprobs.pack_row_tokens)
+    share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.attention)
 
     @property
     def global_size(self) -> int:
@@ -120,7 +122,8 @@ def batch_logps(run: DpoRun, data: DpoPairs, index: list[int]) -> tuple[Any, Pai
     """Collate ``index``; policy log-probs (with grad when enabled) and reference log-probs."""
     device = run.accelerator.device
     pairs = [data.pairs[i] for i in index]
-    batch = collate_pairs(pairs, run.params.padding_free, run.pad_token_id, run.row_tokens).to(device)
+    batch = collate_pairs(pairs, run.params.padding_free, run.pad_token_id, run.row_tokens, run.share_prompt)
+    batch = batch.to(device)
     policy = pair_logps(run.scorer, batch, aligned=run.params.wpo)
     if run.ref_scorer is None:
         ref_c, ref_r = (t.to(device) for t in data.ref(index))
@@ -315,6 +318,8 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     if params.compile:
         scorer.compile(dynamic=True)
     ref = load_reference(model_dir, params.dtype, acc.device) if params.reference == "live" else None
+    # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
+    share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
     optimizer = build_optimizer(scorer, params)
     global_size = params.batch_size * params.grad_accum * acc.num_processes
     per_epoch = steps_per_epoch(len(train_data), global_size, params.grad_accum * acc.num_processes)
@@ -324,7 +329,7 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     scheduler = build_scheduler(optimizer, params, total)
     scorer, optimizer = acc.prepare(scorer, optimizer)
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
-                 tokenizer.pad_token_id, total, row_tokens)  # fmt: skip
+                 tokenizer.pad_token_id, total, row_tokens, share)  # fmt: skip
     return run, tokenizer
 
 

@@ -15,6 +15,9 @@ sequences ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
   (one row of 1112 tokens took 1.1-1.9x the time of 15 binned rows of 99 tokens,
   135M model fwd+bwd on CPU).
 - Padded: 2B right-padded rows with an attention mask.
+- Shared prompt (``share_prompt=True``, models on sdpa, see :mod:`alignpipe.attention`): each pair
+  is laid out once as ``[prompt][chosen tail][rejected tail]`` in one row, and the prompt goes
+  through the model once for both sides (15-20% fewer tokens with prompts at 30% of a sequence).
 
 Only the hidden states that predict a completion token reach the LM head, in
 chunks of at most :data:`LOGIT_BUDGET` logits, so no float32 log-softmax over the
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from alignpipe import schema
+from alignpipe.attention import Segments, common_prefix, enable_shared_prompt
 from alignpipe.chat import ChatTemplateError, Encoded, encode_completion
 from alignpipe.io import read_parquet
 
@@ -117,7 +121,8 @@ class PairBatch:
     target_ids: Tensor  # (N,)
     sequence_index: Tensor  # (N,)
     completion_tokens: Tensor  # (2B,) scored tokens per sequence
-    n_tokens: int  # real (non-padding) tokens in the batch
+    n_tokens: int  # real (non-padding) tokens of the 2B sequences
+    segments: Segments | None = None  # shared-prompt layout: (prefix, chosen tail, rejected tail) per pair
 
     @property
     def n_pairs(self) -> int:
@@ -153,10 +158,17 @@ def _row_starts(lengths: list[int], padding_free: bool, row_tokens: int | None) 
 
 
 def collate_pairs(
-    pairs: Sequence[EncodedPair], padding_free: bool, pad_token_id: int, row_tokens: int | None = None
+    pairs: Sequence[EncodedPair],
+    padding_free: bool,
+    pad_token_id: int,
+    row_tokens: int | None = None,
+    share_prompt: bool = False,
 ) -> PairBatch:
     """Stack B encoded pairs into one :class:`PairBatch`: padded rows, or padding-free (one row, or
-    rows of ``row_tokens`` when set; see :func:`pack_row_tokens`)."""
+    rows of ``row_tokens`` when set; see :func:`pack_row_tokens`), or with ``padding_free`` and
+    ``share_prompt`` one row where each pair's common prefix appears once (see :func:`shares_prompt`)."""
+    if padding_free and share_prompt:
+        return _collate_shared(pairs)
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     n_rows, row_len, starts = _row_starts([len(s.input_ids) for s in seqs], padding_free, row_tokens)
     input_ids = torch.full((n_rows, row_len), pad_token_id, dtype=torch.long)
@@ -185,6 +197,41 @@ def collate_pairs(
         sequence_index=torch.cat(seq_index),
         completion_tokens=torch.tensor([len(s.completion_ids) for s in seqs]),
         n_tokens=sum(len(s.input_ids) for s in seqs),
+    )
+
+
+def _collate_shared(pairs: Sequence[EncodedPair]) -> PairBatch:
+    """One row of ``[common prefix][chosen tail][rejected tail]`` per pair; positions restart per side."""
+    ids: list[int] = []
+    positions: list[int] = []
+    segments, where_chosen, where_rejected = [], [], []
+    for pair in pairs:
+        c, r = pair.chosen.input_ids, pair.rejected.input_ids
+        s, start = common_prefix(c, r), len(ids)
+        ids += c + r[s:]
+        positions += list(range(len(c))) + list(range(s, len(r)))
+        segments.append((s, len(c) - s, len(r) - s))
+        where_chosen.append(torch.arange(start, start + len(c)))
+        tail = torch.arange(start + len(c), start + len(c) + len(r) - s)
+        where_rejected.append(torch.cat([torch.arange(start, start + s), tail]))
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    predict, targets, seq_index = [], [], []
+    for i, (seq, where) in enumerate(zip(seqs, where_chosen + where_rejected, strict=True)):
+        p, c = len(seq.prompt_ids), len(seq.completion_ids)
+        predict.append(where[p - 1 : p + c - 1])  # flat index of token t - 1 predicts token t
+        targets.append(torch.tensor(seq.completion_ids))
+        seq_index.append(torch.full((c,), i))
+    return PairBatch(
+        pair_ids=[p.pair_id for p in pairs],
+        input_ids=torch.tensor([ids]),
+        position_ids=torch.tensor([positions]),
+        attention_mask=None,
+        predict_index=torch.cat(predict),
+        target_ids=torch.cat(targets),
+        sequence_index=torch.cat(seq_index),
+        completion_tokens=torch.tensor([len(s.completion_ids) for s in seqs]),
+        n_tokens=sum(len(s.input_ids) for s in seqs),
+        segments=tuple(segments),
     )
 
 
@@ -225,7 +272,8 @@ class CompletionScorer(nn.Module):
     """Wraps a causal LM (plain or peft) so that one ``forward`` returns per-token completion log-probs.
 
     Being a module, it is what ``accelerator.prepare`` wraps (DDP, FSDP, DeepSpeed), so the decoder
-    and the chunked LM head run inside the wrapper's forward.
+    and the chunked LM head run inside the wrapper's forward. A model on sdpa is switched to
+    :mod:`alignpipe.attention`'s implementation (sdpa itself unless a batch has shared-prompt segments).
     """
 
     def __init__(self, model: nn.Module, logit_budget: int = LOGIT_BUDGET) -> None:
@@ -233,6 +281,7 @@ class CompletionScorer(nn.Module):
         self.model = model
         self.logit_budget = logit_budget
         self._transform = _logits_transform(self.causal_lm.config)
+        self.shares_prompt = enable_shared_prompt(self.causal_lm)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -247,10 +296,16 @@ class CompletionScorer(nn.Module):
         predict_index: Tensor,
         target_ids: Tensor,
         aligned: bool = False,
+        segments: Segments | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs (N,) float32 of ``target_ids`` at ``predict_index``; and aligned ones when asked."""
+        extra = {} if segments is None else {"pair_segments": segments}
         out = self.causal_lm.get_decoder()(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **extra,
         )
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[predict_index]
         head = self.causal_lm.get_output_embeddings()
@@ -285,6 +340,7 @@ def pair_logps(scorer: nn.Module, batch: PairBatch, aligned: bool = False) -> Pa
         batch.predict_index,
         batch.target_ids,
         aligned,
+        batch.segments,
     )
     b = batch.n_pairs
 
@@ -314,6 +370,12 @@ def pack_row_tokens(scorer: CompletionScorer) -> int | None:
     return None if "flash" in impl else 0
 
 
+def shares_prompt(scorer: nn.Module) -> bool:
+    """Whether ``scorer`` (a CompletionScorer, possibly wrapped) takes shared-prompt batches."""
+    inner = getattr(scorer, "module", scorer)
+    return bool(getattr(inner, "shares_prompt", False))
+
+
 def load_reference(path: str | Path, dtype: str, device: torch.device) -> CompletionScorer:
     """A frozen scorer (eval mode, no grads) of the model at ``path`` in ``dtype``, as both the
     ``ref_logps`` stage and the live reference of ``dpo`` use it (no autocast: the weights' dtype)."""
@@ -331,7 +393,7 @@ def length_sorted_batches(pairs: Sequence[EncodedPair], batch_size: int) -> Iter
         yield order[start : start + batch_size]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reference_logps(
     scorer: CompletionScorer,
     pairs: Sequence[EncodedPair],
@@ -344,13 +406,12 @@ def reference_logps(
     from tqdm.auto import tqdm
 
     device = next(scorer.parameters()).device
-    row_tokens = pack_row_tokens(scorer)
+    row_tokens, share = pack_row_tokens(scorer), shares_prompt(scorer)
     rows: dict[str, dict[str, Any]] = {}
     with tqdm(total=len(pairs), unit="pair", desc="ref_logps", disable=not progress) as bar:
         for index in length_sorted_batches(pairs, batch_size):
-            batch = collate_pairs([pairs[i] for i in index], padding_free, pad_token_id, row_tokens).to(
-                device
-            )
+            chunk = [pairs[i] for i in index]
+            batch = collate_pairs(chunk, padding_free, pad_token_id, row_tokens, share).to(device)
             out = pair_logps(scorer, batch)
             values = zip(
                 batch.pair_ids,
