@@ -208,12 +208,16 @@ def test_killing_dvc_repro_mid_stage_caches_nothing_partial_and_the_rerun_resume
     chain, tiny_model_dir, tmp_path
 ):
     """`dvc repro sft` (base_model, prepare, sft) killed after sft's first checkpoint, then run again."""
-    ws = make_workspace(tmp_path / "ws", {**TINY, "base_model": {"source": str(tiny_model_dir)}})
     repro = [sys.executable, "-m", "dvc", "repro", "sft"]
-    reference = chain.runs["sft"]
-    delay = kill_delay(f"{SEED}:dvc", reference)
-    trigger = file_appears(ws, STAGES["sft"].trigger)
-    killed = run_process(repro, ws, stage_env(ws), tmp_path / "killed.log", trigger=trigger, kill_after=delay)
+    delay = kill_delay(f"{SEED}:dvc", chain.runs["sft"])
+    for attempt in range(4):  # if sft ends before the kill, start over in a new workspace, sooner
+        ws = make_workspace(tmp_path / f"ws{attempt}", {**TINY, "base_model": {"source": str(tiny_model_dir)}})
+        trigger = file_appears(ws, STAGES["sft"].trigger)
+        log = tmp_path / f"killed{attempt}.log"
+        killed = run_process(repro, ws, stage_env(ws), log, trigger=trigger, kill_after=delay)
+        if killed.killed:
+            break
+        delay /= 4
     assert killed.killed, killed.log[-3000:]
     assert cache_problems(ws) == []
     sft_model = {k: v for k, v in chain.digests["sft"].items() if k.startswith("models/")}
