@@ -50,6 +50,7 @@ from alignpipe import schema
 from alignpipe.chat import encode_completion, encode_ids, render_prompt
 from alignpipe.io import write_parquet
 from alignpipe.logprobs import EncodedPair, read_pairs
+from alignpipe.params import DpoParams
 
 REPO = Path(__file__).resolve().parents[1]
 H100_BF16_FLOPS = 989e12
@@ -84,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parity", action="store_true", help="same batch order on both sides; report loss gap")
     p.add_argument("--padding-free", choices=("on", "off"), default="on", help="ours: packed rows")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile (GPU)")
-    p.add_argument("--gradient-checkpointing", choices=("on", "off"), default="off", help="ours")
+    default_gc = "on" if DpoParams().gradient_checkpointing else "off"
+    p.add_argument("--gradient-checkpointing", choices=("on", "off"), default=default_gc, help="ours")
     p.add_argument("--ablate", default="", help="ours without: shared_prompt, fused_adamw (comma-separated)")
     p.add_argument("--trl-gradient-checkpointing", choices=("default", "on", "off"), default="default")
     p.add_argument("--learning-rate", type=float, default=5e-6)
@@ -235,7 +237,6 @@ def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Reference pass (timed) then the DPO loop (timed); the reference model is freed in between."""
     import alignpipe.dpo as dpo
     from alignpipe.logprobs import load_reference, reference_logps
-    from alignpipe.params import DpoParams
     from alignpipe.runtime import load_tokenizer
 
     s, device = settings, torch.device(settings["device"])

@@ -8,6 +8,7 @@ import torch
 from alignpipe.attention import NAME, _tail_mask, enable_shared_prompt
 from alignpipe.chat import Encoded
 from alignpipe.logprobs import CompletionScorer, EncodedPair, collate_pairs, encode_pairs, pair_logps
+from alignpipe.runtime import enable_activation_checkpointing
 from alignpipe.testing import tiny_model
 
 
@@ -118,7 +119,7 @@ def test_gradient_checkpointing_recomputes_the_same_shared_layout(tokenizer, pai
     for checkpointing in (False, True):
         model = tiny_model(tokenizer)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         scorer = CompletionScorer(model).train()
         out = pair_logps(scorer, collate_pairs(pairs, True, 0, share_prompt=True))
         (out.chosen_logps.sum() - 2 * out.rejected_logps.sum()).backward()

@@ -99,6 +99,19 @@ def test_precomputed_and_live_reference_give_the_same_losses(env, tmp_path):
         torch.testing.assert_close(value, weights(live)[key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "peft", [{}, {"enabled": True, "r": 2, "dropout": 0.5}], ids=["full", "lora-dropout"]
+)
+def test_gradient_checkpointing_gives_the_same_losses_and_weights(env, tmp_path, peft):
+    """Recomputing activations in backward changes memory, not maths (dropout masks are replayed)."""
+    _, plain = train(env, tmp_path, "plain", max_steps=3, peft=peft, gradient_checkpointing=False)
+    _, saved = train(env, tmp_path, "gc", max_steps=3, peft=peft, gradient_checkpointing=True)
+    assert history(saved, "loss") == pytest.approx(history(plain, "loss"), abs=1e-6)
+    assert history(saved, "loss")[-1] != pytest.approx(math.log(2), abs=1e-3)  # it trained
+    for key, value in weights(plain).items():
+        torch.testing.assert_close(weights(saved)[key], value, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch_size,grad_accum", [(1, 8), (3, 3)])  # (3, 3): micro-batches of 3, 3 and 2
 def test_grad_accumulation_matches_one_big_batch(env, tmp_path, batch_size, grad_accum):
     """One step over the same 8 pairs: same loss, same pre-clip gradient norm, same weights."""

@@ -34,7 +34,13 @@ from alignpipe.logprobs import (
     shares_prompt,
 )
 from alignpipe.params import DpoParams
-from alignpipe.runtime import load_causal_lm, load_tokenizer, resolve_dtype, seed_everything
+from alignpipe.runtime import (
+    enable_activation_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_dtype,
+    seed_everything,
+)
 from alignpipe.training import (
     MetricsLog,
     NonFiniteError,
@@ -312,7 +318,7 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     weights = str(compute).removeprefix("torch.") if params.peft.enabled else "float32"
     model = load_causal_lm(model_dir, dtype=weights, device=acc.device)
     if params.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     scorer = CompletionScorer(apply_peft(model, params)).train()
     row_tokens = pack_row_tokens(scorer)
     if params.compile:

@@ -89,3 +89,13 @@ def load_causal_lm(
             f"{path}: cannot load the model ({' '.join(str(exc).split())[:300]})"
         ) from None
     return model.to(device)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, so the inputs need no
+    ``requires_grad`` and dropout masks are replayed). transformers 5 renamed the method."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 4.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
