@@ -15,7 +15,9 @@ SMALL_DATA = {"builtin": {"n_sft": 16, "n_prompts": 12, "n_eval": 8}}
 
 @pytest.fixture()
 def workspace(tmp_path, tiny_model_dir):
-    return make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, "data": SMALL_DATA})
+    return make_workspace(
+        tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, "data": SMALL_DATA}
+    )
 
 
 def test_base_model_and_prepare_run_offline_and_incrementally(workspace):
@@ -68,7 +70,12 @@ def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, 
     assert sorted(ran_stages(first.stdout)) == sorted(
         ["base_model", "prepare", "sft", "generate", "score", "pairs", "ref_logps", "dpo", "evaluate"]
     )
-    for path in ("models/dpo/model.safetensors", "reports/eval.json", "reports/eval.md", "data/ref_logps.parquet"):
+    for path in (
+        "models/dpo/model.safetensors",
+        "reports/eval.json",
+        "reports/eval.md",
+        "data/ref_logps.parquet",
+    ):
         assert (ws / path).exists(), path
     assert dvc(ws, "status").stdout.strip().endswith("up to date.")
 

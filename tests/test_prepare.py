@@ -66,9 +66,14 @@ def test_failure_keeps_earlier_artifacts(tmp_path):
 def test_drop_mode_counts_in_metrics(tmp_path):
     src = tmp_path / "sft.jsonl"
     src.write_text(
-        json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps({"prompt": "a", "completion": ""}) + "\n"
+        json.dumps({"prompt": "a", "completion": "b"})
+        + "\n"
+        + json.dumps({"prompt": "a", "completion": ""})
+        + "\n"
     )
-    metrics = prepare(small_params(on_invalid="drop", sft={"source": str(src)}), tmp_path / "o", tmp_path / "m.json")
+    metrics = prepare(
+        small_params(on_invalid="drop", sft={"source": str(src)}), tmp_path / "o", tmp_path / "m.json"
+    )
     assert metrics["sft"] == {"source": str(src), "rows": 1, "dropped": {"empty_completion": 1}}
 
 

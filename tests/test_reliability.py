@@ -211,7 +211,9 @@ def test_killing_dvc_repro_mid_stage_caches_nothing_partial_and_the_rerun_resume
     repro = [sys.executable, "-m", "dvc", "repro", "sft"]
     delay = kill_delay(f"{SEED}:dvc", chain.runs["sft"])
     for attempt in range(4):  # if sft ends before the kill, start over in a new workspace, sooner
-        ws = make_workspace(tmp_path / f"ws{attempt}", {**TINY, "base_model": {"source": str(tiny_model_dir)}})
+        ws = make_workspace(
+            tmp_path / f"ws{attempt}", {**TINY, "base_model": {"source": str(tiny_model_dir)}}
+        )
         trigger = file_appears(ws, STAGES["sft"].trigger)
         log = tmp_path / f"killed{attempt}.log"
         killed = run_process(repro, ws, stage_env(ws), log, trigger=trigger, kill_after=delay)

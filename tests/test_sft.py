@@ -199,7 +199,13 @@ def test_training_lowers_the_loss_and_writes_a_loadable_folder(tmp_path, tiny_mo
     assert summary["steps"] == 8 and summary["sequences"] == 8 and summary["truncated"] == 0
     assert json.loads((paths.metrics_dir / "metrics.json").read_text()) == summary
     loss_plot = (paths.metrics_dir / "plots/metrics/train/loss.tsv").read_text().splitlines()
-    assert loss_plot[0] == "step\tloss" and [r.split("\t")[0] for r in loss_plot[1:]] == ["1", "2", "4", "6", "8"]
+    assert loss_plot[0] == "step\tloss" and [r.split("\t")[0] for r in loss_plot[1:]] == [
+        "1",
+        "2",
+        "4",
+        "6",
+        "8",
+    ]
     for name in ("learning_rate", "grad_norm", "tokens_per_second"):
         assert (paths.metrics_dir / f"plots/metrics/train/{name}.tsv").exists()
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {

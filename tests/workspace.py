@@ -12,7 +12,17 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore", "configs", "flows"]
+COPIED = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    "src",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "configs",
+    "flows",
+]
 
 
 def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +74,12 @@ def env() -> dict[str, str]:
 
 def dvc(ws: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=ws, env=env(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dvc", *args],
+        cwd=ws,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

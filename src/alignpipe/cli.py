@@ -30,8 +30,11 @@ def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:
                 raise
             name = type(exc).__name__
             message = " ".join(str(exc).split()) or name
-            print(f"error: {message}" + ("" if _is_ours(exc) else f" ({name}; set {DEBUG_ENV}=1 for the traceback)"),
-                  file=sys.stderr)
+            print(
+                f"error: {message}"
+                + ("" if _is_ours(exc) else f" ({name}; set {DEBUG_ENV}=1 for the traceback)"),
+                file=sys.stderr,
+            )
             sys.exit(1)
 
     return wrapper

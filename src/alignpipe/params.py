@@ -270,7 +270,9 @@ def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Secti
     """Load one section (e.g. ``"dpo"``) through its model; other sections are not validated."""
     if section not in Params.model_fields:
         close = difflib.get_close_matches(section, list(Params.model_fields), n=1)
-        raise ParamsError(f"unknown params section '{section}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ParamsError(
+            f"unknown params section '{section}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+        )
     data = read_yaml(path)
     unknown = [k for k in data if k not in Params.model_fields]
     if unknown:

@@ -47,7 +47,9 @@ def builtin_rows(split: str, n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(name: str, source: SourceParams, params: DataParams) -> tuple[list[dict[str, Any]], Counter[str]]:
+def load_rows(
+    name: str, source: SourceParams, params: DataParams
+) -> tuple[list[dict[str, Any]], Counter[str]]:
     field, kind, split, _ = OUTPUTS[name]
     assert source.source is not None
     if is_builtin(source.source):
@@ -55,7 +57,11 @@ def load_rows(name: str, source: SourceParams, params: DataParams) -> tuple[list
             raise DataError(f"data.{field}.source: unknown built-in '{source.source}' (known: {BUILTIN})")
         if split is None:
             raise DataError(f"data.{field}.source: the built-in task has no preference pairs")
-        sizes = {"sft": params.builtin.n_sft, "prompts": params.builtin.n_prompts, "eval": params.builtin.n_eval}
+        sizes = {
+            "sft": params.builtin.n_sft,
+            "prompts": params.builtin.n_prompts,
+            "eval": params.builtin.n_eval,
+        }
         rows, dropped = builtin_rows(split, sizes[split], params.seed), Counter()
     else:
         rows, dropped = convert(source.source, kind, params.on_invalid)
@@ -81,7 +87,9 @@ def check_no_overlap(eval_rows: list[dict[str, Any]], train: dict[str, list[dict
             )
 
 
-def prepare(params: DataParams, out_dir: str | os.PathLike, metrics_path: str | os.PathLike) -> dict[str, Any]:
+def prepare(
+    params: DataParams, out_dir: str | os.PathLike, metrics_path: str | os.PathLike
+) -> dict[str, Any]:
     """Read, convert and validate every source; write the prepared folder and metrics."""
     timer = Timer("prepare")
     tables: dict[str, list[dict[str, Any]]] = {}

@@ -38,7 +38,9 @@ GENERATIONS = pa.schema(
 )
 
 # data/scored.parquet: generations + reward; reward_details is a JSON string.
-SCORED = pa.schema(list(GENERATIONS) + [pa.field("reward", pa.float64()), pa.field("reward_details", pa.string())])
+SCORED = pa.schema(
+    list(GENERATIONS) + [pa.field("reward", pa.float64()), pa.field("reward_details", pa.string())]
+)
 
 # data/pairs/{train,eval}.parquet
 PAIRS = pa.schema(
