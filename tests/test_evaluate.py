@@ -170,7 +170,7 @@ def test_sequence_logps_match_a_direct_computation(two_models):
         assert (
             seqs[0].completion_ids[-1] == tok.eos_token_id and seqs[1].completion_ids[-1] != tok.eos_token_id
         )
-        got = sequence_logps(scorer, seqs, batch_size=2, pad_token_id=tok.pad_token_id, desc="t")  # padded
+        got = sequence_logps(scorer, seqs, batch_size=2, pad_token_id=tok.pad_token_id, desc="t")
     want = [direct_logp(sft_dir, USER, a.completion, a.finish_reason == "stop") for a in rows]
     assert got == pytest.approx(want, abs=1e-4)
 

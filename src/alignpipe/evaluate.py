@@ -39,14 +39,7 @@ from alignpipe import schema
 from alignpipe.chat import Encoded, Message, encode_completion
 from alignpipe.cli import Timer
 from alignpipe.io import ArtifactError, read_parquet
-from alignpipe.logprobs import (
-    CompletionScorer,
-    EncodedPair,
-    collate_pairs,
-    length_sorted_batches,
-    load_reference,
-    pair_logps,
-)
+from alignpipe.logprobs import CompletionScorer, EncodedPair, load_reference, reference_logps
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 from alignpipe.runtime import load_tokenizer, pick_device
 
@@ -213,33 +206,14 @@ def encode_answers(
     return encoded
 
 
-def packing_pays(scorer: CompletionScorer) -> bool:
-    """Pack sequences into one row only under flash attention (varlen kernels).
-
-    With sdpa or eager a packed row of T tokens attends through a dense T x T mask: on CPU, 16 pairs
-    of ~100 tokens took 33-45 s packed (one row of 3085) vs 25 s padded (32 x 119), SmolLM2-135M.
-    """
-    return "flash" in str(getattr(scorer.causal_lm.config, "_attn_implementation", ""))
-
-
-@torch.no_grad()
 def score_pairs(
     scorer: CompletionScorer, pairs: Sequence[EncodedPair], batch_size: int, pad_token_id: int, desc: str
 ) -> tuple[list[float], list[float]]:
-    """Summed completion log-probs of each pair's two sides, in ``pairs`` order (length-sorted batches)."""
-    from tqdm.auto import tqdm
-
-    device = next(scorer.parameters()).device
-    packed = packing_pays(scorer)
-    chosen, rejected = [0.0] * len(pairs), [0.0] * len(pairs)
-    with tqdm(total=len(pairs), unit="pair", desc=desc) as bar:
-        for index in length_sorted_batches(pairs, batch_size):
-            batch = collate_pairs([pairs[i] for i in index], packed, pad_token_id).to(device)
-            out = pair_logps(scorer, batch)
-            for i, c, r in zip(index, out.chosen_logps.tolist(), out.rejected_logps.tolist(), strict=True):
-                chosen[i], rejected[i] = c, r
-            bar.update(len(index))
-    return chosen, rejected
+    """Summed completion log-probs of each pair's two sides, in ``pairs`` order, through the
+    ``ref_logps`` path (shared-prompt rows, no padding), so eval-pair margins use the reference's
+    layout. On CPU it took 8.9 s where padded batches took 14.9 s (96 answers of SmolLM2-135M)."""
+    rows = reference_logps(scorer, pairs, batch_size, pad_token_id, progress=True, desc=desc)
+    return [r["ref_chosen_logps"] for r in rows], [r["ref_rejected_logps"] for r in rows]
 
 
 def sequence_logps(

@@ -401,6 +401,7 @@ def reference_logps(
     pad_token_id: int,
     padding_free: bool = True,
     progress: bool = False,
+    desc: str = "ref_logps",
 ) -> list[dict[str, Any]]:
     """Rows of ``schema.REF_LOGPS`` for ``pairs`` (in their order) under a frozen scorer in eval mode."""
     from tqdm.auto import tqdm
@@ -408,7 +409,7 @@ def reference_logps(
     device = next(scorer.parameters()).device
     row_tokens, share = pack_row_tokens(scorer), shares_prompt(scorer)
     rows: dict[str, dict[str, Any]] = {}
-    with tqdm(total=len(pairs), unit="pair", desc="ref_logps", disable=not progress) as bar:
+    with tqdm(total=len(pairs), unit="pair", desc=desc, disable=not progress) as bar:
         for index in length_sorted_batches(pairs, batch_size):
             chunk = [pairs[i] for i in index]
             batch = collate_pairs(chunk, padding_free, pad_token_id, row_tokens, share).to(device)
