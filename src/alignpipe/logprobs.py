@@ -176,28 +176,15 @@ def collate_pairs(
     position_ids = torch.arange(row_len).repeat(n_rows, 1)
     attention_mask = None if padding_free else torch.zeros((n_rows, row_len), dtype=torch.long)
     flat_input, flat_pos = input_ids.view(-1), position_ids.view(-1)
-    predict, targets, seq_index = [], [], []
+    where = []
     for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
-        n, p, c = len(seq.input_ids), len(seq.prompt_ids), len(seq.completion_ids)
+        n = len(seq.input_ids)
         flat_input[start : start + n] = torch.tensor(seq.input_ids)
         flat_pos[start : start + n] = torch.arange(n)
         if attention_mask is not None:
             attention_mask[i, :n] = 1
-        # position t predicts token t + 1: completion tokens p..p+c-1 are predicted from p-1..p+c-2
-        predict.append(torch.arange(start + p - 1, start + p + c - 1))
-        targets.append(torch.tensor(seq.completion_ids))
-        seq_index.append(torch.full((c,), i))
-    return PairBatch(
-        pair_ids=[p.pair_id for p in pairs],
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        predict_index=torch.cat(predict),
-        target_ids=torch.cat(targets),
-        sequence_index=torch.cat(seq_index),
-        completion_tokens=torch.tensor([len(s.completion_ids) for s in seqs]),
-        n_tokens=sum(len(s.input_ids) for s in seqs),
-    )
+        where.append(torch.arange(start, start + n))
+    return _pair_batch(pairs, where, input_ids, position_ids, attention_mask)
 
 
 def _collate_shared(pairs: Sequence[EncodedPair]) -> PairBatch:
@@ -214,24 +201,39 @@ def _collate_shared(pairs: Sequence[EncodedPair]) -> PairBatch:
         where_chosen.append(torch.arange(start, start + len(c)))
         tail = torch.arange(start + len(c), start + len(c) + len(r) - s)
         where_rejected.append(torch.cat([torch.arange(start, start + s), tail]))
+    where = where_chosen + where_rejected
+    return _pair_batch(pairs, where, torch.tensor([ids]), torch.tensor([positions]), None, tuple(segments))
+
+
+def _pair_batch(
+    pairs: Sequence[EncodedPair],
+    where: list[Tensor],
+    input_ids: Tensor,
+    position_ids: Tensor,
+    attention_mask: Tensor | None,
+    segments: Segments | None = None,
+) -> PairBatch:
+    """The :class:`PairBatch` of ``pairs`` laid out in ``input_ids``; ``where[i]`` holds the flat
+    index of every token of sequence i (chosen sides first, then rejected)."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     predict, targets, seq_index = [], [], []
-    for i, (seq, where) in enumerate(zip(seqs, where_chosen + where_rejected, strict=True)):
+    for i, (seq, at) in enumerate(zip(seqs, where, strict=True)):
         p, c = len(seq.prompt_ids), len(seq.completion_ids)
-        predict.append(where[p - 1 : p + c - 1])  # flat index of token t - 1 predicts token t
+        # the token at t - 1 predicts token t: completion tokens p..p+c-1 from positions p-1..p+c-2
+        predict.append(at[p - 1 : p + c - 1])
         targets.append(torch.tensor(seq.completion_ids))
         seq_index.append(torch.full((c,), i))
     return PairBatch(
         pair_ids=[p.pair_id for p in pairs],
-        input_ids=torch.tensor([ids]),
-        position_ids=torch.tensor([positions]),
-        attention_mask=None,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
         predict_index=torch.cat(predict),
         target_ids=torch.cat(targets),
         sequence_index=torch.cat(seq_index),
         completion_tokens=torch.tensor([len(s.completion_ids) for s in seqs]),
         n_tokens=sum(len(s.input_ids) for s in seqs),
-        segments=tuple(segments),
+        segments=segments,
     )
 
 
