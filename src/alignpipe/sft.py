@@ -137,6 +137,16 @@ def check_settings(params: SftParams) -> None:
             raise SftConfigError("sft.peft.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
 
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """transformers 5.20 renamed ``gradient_checkpointing`` to ``activation_checkpointing``; vLLM's
+    environment (.venv-vllm) pins transformers < 5.20, so both names are served."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
 def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArguments:
     dtype = resolve_dtype(params.dtype, pick_device())
     return TrainingArguments(
@@ -152,8 +162,7 @@ def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArgument
         max_grad_norm=params.max_grad_norm,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,  # fp32 weights, fp16 autocast with a grad scaler
-        activation_checkpointing=params.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(params.gradient_checkpointing),
         logging_steps=params.logging_steps,
         logging_first_step=True,  # a curve point even when the run is shorter than logging_steps
         save_strategy="steps",
