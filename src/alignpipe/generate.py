@@ -116,9 +116,8 @@ def fingerprint(
 ) -> str:
     """What decides the samples: model digest, rendered prompts, backend, device kind and dtype,
     sampling settings, chunking (``auto`` resolved, so a CPU and a GPU run never mix chunks)."""
-    from alignpipe.runtime import pick_device, resolve_dtype
-
     from alignpipe.generation.vllm import engine_device
+    from alignpipe.runtime import pick_device, resolve_dtype
 
     device = engine_device() if backend == "vllm" else pick_device().type
     settings = params.model_dump(exclude=NOT_FINGERPRINTED)
