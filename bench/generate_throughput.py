@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per HF batch")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads of the HF engines (default: torch's)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine")
     p.add_argument(
         "--repeats-generate-batch", type=int, default=None, help="its own count (default: --repeats)"
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = SamplingParams(backend="hf", temperature=0.8, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, dtype=args.dtype)  # fmt: skip
     tokenizer = load_chat_tokenizer(args.model)

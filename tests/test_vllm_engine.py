@@ -31,7 +31,9 @@ from alignpipe.testing import tiny_model, tiny_tokenizer
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 VLLM_PYTHON = Path(os.environ.get("ALIGNPIPE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-LOGPROB_TOL = 1e-3  # |vLLM cumulative_logprob - HF forward sum| per sample, fp32 (measured: 4e-5 on sums near -270)
+LOGPROB_TOL = (
+    1e-3  # |vLLM cumulative_logprob - HF forward sum| per sample, fp32 (measured: 4e-5 on sums near -270)
+)
 PIPELINE = {
     "data": {"builtin": {"n_sft": 16, "n_prompts": 16, "n_eval": 6}},
     "sft": {"batch_size": 4, "save_steps": 2},
@@ -146,9 +148,9 @@ def test_the_same_seed_gives_the_same_samples_on_a_rerun(run):
 
 
 def test_a_prompts_samples_do_not_depend_on_the_other_prompts_in_the_call(run):
-    """Measured on CPU (fp32): alone, reversed or paired, a prompt's samples are identical, log-probs
-    included. vLLM only promises the per-request seed; with a GPU's batch-dependent kernels the
-    log-probs (and rarely a token) may differ, so there only the seeds are checked."""
+    """vLLM does not promise batch invariance (its batch-invariant mode is GPU-only); measured on CPU
+    (fp32): alone, reversed or paired, a prompt's samples are the same tokens, and the log-probs are
+    equal with one worker thread, within 1e-5 with two (the embedded default: 2.8e-6)."""
     base = by_key(run["samples"])
     n_prompts = len(run["prompt_ids"])
     calls = [
@@ -158,7 +160,8 @@ def test_a_prompts_samples_do_not_depend_on_the_other_prompts_in_the_call(run):
     ]
     for samples, order in calls:
         for key, s in by_key(samples, order).items():
-            assert {**s, "prompt_index": key[0]} == base[key], key
+            assert s["logprob"] == pytest.approx(base[key]["logprob"], abs=1e-4), key
+            assert {**s, "prompt_index": key[0], "logprob": None} == {**base[key], "logprob": None}, key
 
 
 def test_cumulative_logprob_is_the_sum_of_the_hf_forward_log_probs(run, models):
