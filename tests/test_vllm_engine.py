@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,27 @@ def test_generate_killed_mid_run_resumes_to_the_uninterrupted_result(pipeline, v
     assert json.loads((ws / "reports/generate.json").read_text())["chunks_reused"] == len(kept)
     assert artifact_digests(ws, ["data/generations"]) == expected
     assert temp_leftovers(ws / "data/generations") == []
+
+
+def test_the_generation_benchmark_runs_every_engine_on_the_same_prompts(vllm_python, models, tmp_path):
+    """bench/generate_throughput.py on a tiny shape: vLLM (its venv, a subprocess), the HF loop,
+    ``generate`` and ``generate_batch``; one JSON with medians, spreads and ratios."""
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, str(ROOT / "bench/generate_throughput.py"), "--model", str(models[0]),
+            "--prompts", "2", "--n", "2", "--max-new-tokens", "4", "--repeats", "2",
+            "--vllm-python", str(vllm_python), "--json-out", str(out)]  # fmt: skip
+    proc = subprocess.run(argv, env=vllm_env(vllm_python), capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads(out.read_text())
+    assert list(record["engines"]) == ["vllm", "hf", "hf_generate", "hf_generate_batch"]
+    for name, engine in record["engines"].items():
+        assert len(engine["runs"]) == 2 and engine["tokens_per_s_min"] <= engine["tokens_per_s"], name
+        assert 0 < engine["tokens"] <= 2 * 2 * 4, name
+    vllm = record["engines"]["vllm"]
+    assert vllm["device"] == "cpu" and vllm["engine_start_s"] > 0
+    assert vllm["batch_invariance"]["samples"] == 4
+    assert record["ratios"]["vllm/hf"] == pytest.approx(
+        vllm["tokens_per_s"] / record["engines"]["hf"]["tokens_per_s"], rel=0.01
+    )
+    assert record["cpu"] and record["settings"]["prompts"] == 2
