@@ -324,6 +324,7 @@ class SamplingParams(Section):
 class GenerateParams(SamplingParams):
     n: PositiveInt = Field(
         4,
+        validate_default=True,  # a temperature of 0 alone makes the default n wrong
         description="Samples per prompt (best-of-N): pairs compare them, so at least 2 (1 only with "
         "data.preferences.source).",
     )
@@ -586,7 +587,7 @@ class DpoParams(TrainParams):
     def _no_qlora(cls, value: PeftParams) -> PeftParams:
         if value.load_in_4bit:
             raise ValueError(
-                "load_in_4bit (QLoRA) is implemented for sft only; set dpo.peft.load_in_4bit: false"
+                "QLoRA (load_in_4bit) is implemented for sft only; set dpo.peft.load_in_4bit: false"
             )
         return value
 
@@ -613,6 +614,7 @@ class EvaluateParams(SamplingParams):
     )
     n: PositiveInt = Field(
         1,
+        validate_default=True,  # a temperature of 0 alone makes the default n wrong
         description="Samples per prompt and model (the win rate pairs them by sample index); "
         "more gives tighter estimates.",
     )
