@@ -234,8 +234,7 @@ class TrainParams(Section):
     max_length: PositiveInt = Field(256, description="Tokens per sequence (prompt + completion).")
     gradient_checkpointing: bool = Field(
         False,
-        description="Recompute activations in the backward pass: about half the activation memory, "
-        "about 10% slower.",
+        description="Recompute activations in the backward pass: less memory, more time per step.",
     )
     dtype: Dtype = Field(
         "auto", description="Training precision: 'auto' is bfloat16 on a GPU and float32 on a CPU."
