@@ -60,7 +60,7 @@ def _turns(value: Any, field: str) -> list[Message]:
     return [_turn(turn, i, field) for i, turn in enumerate(value)]
 
 
-def _check_order(msgs: list[Message], field: str) -> list[Message]:
+def _check_order(msgs: list[Message], field: str) -> None:
     """System turns first, then human and gpt alternating, starting with human."""
     start = 0
     while start < len(msgs) and msgs[start]["role"] == "system":
@@ -74,7 +74,6 @@ def _check_order(msgs: list[Message], field: str) -> list[Message]:
                 field=field,
                 reason="bad_order",
             )
-    return msgs
 
 
 def _refuse_unsupported(record: Mapping[str, Any]) -> None:
@@ -98,9 +97,13 @@ def _conversation(record: Mapping[str, Any]) -> list[Message]:
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise DataError(f"expected a string, got {type_name(system)}", field="system", reason="wrong_type")
+    _check_order(msgs, "conversations")
+    for i, msg in enumerate(msgs):  # turn numbers as in the file, before the system column joins
+        if msg["role"] == "assistant" and not msg["content"].strip():
+            raise DataError(f"turn {i}: empty gpt reply", field="conversations", reason="empty_completion")
     if system and system.strip() and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system}, *msgs]
-    return _check_order(msgs, "conversations")
+    return msgs
 
 
 def _answer(value: Any, field: str) -> list[Message]:
@@ -129,7 +132,10 @@ def sharegpt_rows(record: Mapping[str, Any], kind: str) -> list[Row]:
         prompt = check_prompt(conversation, "conversations")
         if kind == "prompts":
             return [{"prompt": prompt}]
-        return [{"prompt": prompt, "completion": _answer(require(record, "chosen"), "chosen")}]
+        completion = _answer(require(record, "chosen"), "chosen")
+        if not any(m["content"].strip() for m in completion):
+            raise DataError("empty completion", field="chosen", reason="empty_completion")
+        return [{"prompt": prompt, "completion": completion}]
     if kind == "prompts":
         return [{"prompt": check_prompt(strip_answer(conversation)[0], "conversations")}]
     return turn_rows(conversation, [True] * len(conversation), "conversations")
