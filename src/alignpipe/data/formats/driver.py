@@ -165,7 +165,10 @@ def convert_source(
     fmt = options.format
     if fmt == "auto":
         fmt = detect(first[1], first[0], part) if first is not None else "trl"
-    reader = make_reader(fmt, kind, options, drops)
+    try:
+        reader = make_reader(fmt, kind, options, drops)
+    except DataError as exc:  # a setting the source cannot have: name the source
+        raise DataError(exc.message, file=source, reason=exc.reason) from None
     collected = _Collector(kind, source)
     for where, record in itertools.chain([first] if first is not None else [], records):
         try:
