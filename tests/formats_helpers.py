@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from alignpipe.data.convert import FormatOptions, convert_source
 from alignpipe.data.errors import DataError
-from alignpipe.data.formats import FormatOptions, convert_source
 
 FIXTURES = Path(__file__).parent / "fixtures" / "formats"
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from formats_helpers import asst, first_error, fixture, jsonl, read, user
 
+from alignpipe.data.convert import detect
 from alignpipe.data.errors import DataError, Where
-from alignpipe.data.formats import detect
 from alignpipe.params import DataParams
 from alignpipe.prepare import prepare
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 from formats_helpers import asst, first_error, fixture, read, user
 
+from alignpipe.data.convert import FormatOptions, ScoredCompletion, scored_completions
 from alignpipe.data.errors import DataError
-from alignpipe.data.formats import FormatOptions, ScoredCompletion, scored_completions
 from alignpipe.data.formats.pairing import pick_pairs
 
 UF = fixture("ultrafeedback.jsonl")

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from alignpipe import schema
 from alignpipe.cli import Timer
 from alignpipe.data import builtin
+from alignpipe.data.convert import FormatOptions, convert_source
 from alignpipe.data.errors import DataError
-from alignpipe.data.formats import FormatOptions, convert_source
 from alignpipe.data.readers import is_builtin
 from alignpipe.io import atomic_path, write_json, write_parquet
 from alignpipe.params import DataParams, SourceParams

@@ -1,8 +1,8 @@
 """Message helpers shared by every format: roles, content parts, prompt/completion checks.
 
 A row is made of message lists, ``[{"role": "system" | "user" | "assistant", "content": str}]``.
-Every function here raises :class:`DataError` with a field and a reason; the driver adds the
-file and the row.
+Every function here raises :class:`DataError` with a field and a reason;
+:mod:`alignpipe.data.convert` adds the file and the row.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from alignpipe.data.formats.messages import Message, Row, turn_rows, unknown_for
 from alignpipe.data.formats.pairing import pick_pairs
 
 if TYPE_CHECKING:
-    from alignpipe.data.formats.driver import Drops, FormatOptions
+    from alignpipe.data.formats.base import Drops, FormatOptions
 
 _ROLES = {"prompter": "user", "assistant": "assistant"}
 

@@ -20,32 +20,31 @@ Completions without that score are left out (``unrated``), so are empty ones (``
 
 From each prompt's set: ``sft`` keeps the best completion (first on ties), ``prompts`` the
 prompt, ``preferences`` pairs by ``data.<part>.pairs`` (equal rewards make no pair: ``tie``;
-equal texts neither: ``identical``). :func:`scored_completions` returns every completion
-with its reward, one :class:`ScoredCompletion` each, for the ``score`` stage to import.
+equal texts neither: ``identical``). ``alignpipe.data.convert.scored_completions`` returns
+every completion with its reward, one :class:`ScoredCompletion` each (``RatedReader`` with
+``kind="scored"``), for the ``score`` stage to import instead of running a reward model.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alignpipe.data.errors import DataError, Where, type_name
-from alignpipe.data.formats.detect import HELPSTEER_ATTRIBUTES, detect
+from alignpipe.data.formats.detect import HELPSTEER_ATTRIBUTES
 from alignpipe.data.formats.messages import Message, check_prompt, require
 from alignpipe.data.formats.pairing import pick_pairs
 
 if TYPE_CHECKING:
-    from alignpipe.data.formats.driver import Drops, FormatOptions, OnInvalid
+    from alignpipe.data.formats.base import Drops, FormatOptions
 
 ULTRAFEEDBACK_ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 _ASPECTS = {"ultrafeedback": ULTRAFEEDBACK_ASPECTS, "helpsteer": HELPSTEER_ATTRIBUTES}
+RATED_FORMATS = tuple(_ASPECTS)
 _AUTO = {"ultrafeedback": "overall", "helpsteer": "helpfulness"}
 _TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n")
 
@@ -232,43 +231,6 @@ class RatedReader:
                     continue
                 yield {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
                        "rejected": [{"role": "assistant", "content": rejected}]}  # fmt: skip
-
-
-def scored_completions(
-    source: str,
-    options: FormatOptions | None = None,
-    on_invalid: OnInvalid = "error",
-    base_dir: Path | None = None,
-) -> tuple[list[ScoredCompletion], Counter[str]]:
-    """Every rated completion of an UltraFeedback or HelpSteer source, with its reward by the rule.
-
-    This is the N-completions-per-prompt view (``scored.parquet``-shaped: prompt, completion,
-    reward, details), for importing ratings instead of running a reward model.
-    """
-    from alignpipe.data.formats.driver import Drops, FormatOptions, _records
-
-    options = options or FormatOptions()
-    drops = Drops(on_invalid)
-    records = _records(source, base_dir)
-    first = next(records, None)
-    if first is None:
-        raise DataError("no records", file=source, reason="empty")
-    fmt = detect(first[1], first[0]) if options.format == "auto" else options.format
-    if fmt not in _ASPECTS:
-        raise DataError(
-            f"format {fmt!r} has no ratings (expected ultrafeedback or helpsteer)",
-            file=source,
-            reason="bad_format",
-        )
-    reader = RatedReader(fmt, "scored", options, drops)
-    out: list[ScoredCompletion] = []
-    for where, record in itertools.chain([first], records):
-        try:
-            out.extend(reader.feed(record, where))
-        except DataError as exc:
-            drops.invalid(exc)
-    out.extend(reader.finish())
-    return out, drops.counts
 
 
 def details_json(item: ScoredCompletion) -> str:

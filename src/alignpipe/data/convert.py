@@ -1,9 +1,10 @@
-"""The convert driver: read a source, pick its format's reader, give every row an id, count drops.
+"""Read a data source in any accepted format into rows of one kind, with ids and counted drops.
 
 A format reader turns records into rows of one kind (``sft``: prompt + completion,
 ``prompts``: prompt, ``preferences``: prompt + chosen + rejected). Most formats are read record
 by record; OpenAssistant's flat messages and HelpSteer's one-response rows are grouped first,
-so their readers also have a ``finish`` step that runs after the last record.
+so their readers also have a ``finish`` step that runs after the last record. The formats
+live in :mod:`alignpipe.data.formats` (one module each); this module is their public door.
 """
 
 from __future__ import annotations
@@ -11,62 +12,50 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from alignpipe.data.errors import DataError, Where
+from alignpipe.data.formats.base import Drops, FormatOptions, Kind, OnInvalid
 from alignpipe.data.formats.detect import FORMATS, detect
-from alignpipe.data.formats.messages import Row
+from alignpipe.data.formats.llamafactory import llamafactory_rows
+from alignpipe.data.formats.messages import Row, extract_prompt
+from alignpipe.data.formats.oasst import OasstReader
+from alignpipe.data.formats.rated import RATED_FORMATS, RatedReader, ScoredCompletion
+from alignpipe.data.formats.sharegpt import sharegpt_rows
+from alignpipe.data.formats.trl import (
+    hh_rows,
+    hh_to_messages,
+    to_preference_row,
+    to_prompt_row,
+    to_sft_row,
+    trl_rows,
+)
 from alignpipe.data.readers import location_unit, read_source
 
-log = logging.getLogger(__name__)
-
-Kind = Literal["sft", "prompts", "preferences"]
-OnInvalid = Literal["error", "drop"]
-PairStrategy = Literal["best_vs_worst", "all_pairs"]
+__all__ = [
+    "FORMATS",
+    "ID_COLUMNS",
+    "Converted",
+    "Drops",
+    "FormatOptions",
+    "Kind",
+    "ScoredCompletion",
+    "convert",
+    "convert_source",
+    "detect",
+    "extract_prompt",
+    "hh_to_messages",
+    "row_id",
+    "scored_completions",
+    "to_preference_row",
+    "to_prompt_row",
+    "to_sft_row",
+]
 # The id column of each kind's artifact (alignpipe.schema) and its id prefix.
 ID_COLUMNS = {"sft": ("id", "sft"), "prompts": ("prompt_id", "prompt"), "preferences": ("pair_id", "pair")}
-_MAX_LOGGED_DROPS = 5
-
-
-@dataclass(frozen=True)
-class FormatOptions:
-    """How to read a source (``data.<part>`` in params.yaml).
-
-    ``format``: a name of :data:`FORMATS` or ``"auto"``; ``lang``: OpenAssistant language codes
-    to keep (None: all); ``pairs``: how ranked or rated answers become pairs; ``rating``: which
-    score ranks rated completions (``auto``, ``overall``, ``mean`` or an aspect name).
-    """
-
-    format: str = "auto"
-    lang: tuple[str, ...] | None = None
-    pairs: PairStrategy = "best_vs_worst"
-    rating: str = "auto"
-
-
-class Drops:
-    """Counts what a source loses, by reason; raises on an invalid row unless ``on_invalid="drop"``."""
-
-    def __init__(self, on_invalid: OnInvalid) -> None:
-        self.on_invalid = on_invalid
-        self.counts: Counter[str] = Counter()
-
-    def invalid(self, exc: DataError) -> None:
-        """A bad row: raise it (``error``) or count it under its reason (``drop``)."""
-        if self.on_invalid == "error":
-            raise exc
-        self.counts[exc.reason] += 1
-        if sum(self.counts.values()) <= _MAX_LOGGED_DROPS:
-            log.warning("dropped invalid row: %s", exc)
-
-    def skip(self, reason: str, n: int = 1) -> None:
-        """Data the format itself says to leave out (a deleted message, a tie): always counted."""
-        if n:
-            self.counts[reason] += n
 
 
 class Reader(Protocol):
@@ -95,20 +84,18 @@ class RecordReader:
 
 def make_reader(fmt: str, kind: Kind, options: FormatOptions, drops: Drops) -> Reader:
     """The reader of format ``fmt`` for ``kind`` rows."""
-    from alignpipe.data.formats import llamafactory, oasst, rated, sharegpt, trl
-
     if fmt == "trl":
-        return RecordReader(lambda record: trl.trl_rows(record, kind))
+        return RecordReader(lambda record: trl_rows(record, kind))
     if fmt == "hh":
-        return RecordReader(lambda record: trl.hh_rows(record, kind))
+        return RecordReader(lambda record: hh_rows(record, kind))
     if fmt == "sharegpt":
-        return RecordReader(lambda record: sharegpt.sharegpt_rows(record, kind))
+        return RecordReader(lambda record: sharegpt_rows(record, kind))
     if fmt == "llamafactory":
-        return RecordReader(lambda record: llamafactory.llamafactory_rows(record, kind))
+        return RecordReader(lambda record: llamafactory_rows(record, kind))
     if fmt == "oasst":
-        return oasst.OasstReader(kind, options, drops)
+        return OasstReader(kind, options, drops)
     if fmt in ("ultrafeedback", "helpsteer"):
-        return rated.RatedReader(fmt, kind, options, drops)
+        return RatedReader(fmt, kind, options, drops)
     raise DataError(
         f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}", reason="bad_format"
     )
@@ -218,3 +205,38 @@ class _Collector:
             self.seen[rid] = digest
             extra = {} if self.kind == "preferences" else {"meta": None}
             self.rows.append({id_column: rid, **row, **extra})
+
+
+def scored_completions(
+    source: str,
+    options: FormatOptions | None = None,
+    on_invalid: OnInvalid = "error",
+    base_dir: Path | None = None,
+) -> tuple[list[ScoredCompletion], Counter[str]]:
+    """Every rated completion of an UltraFeedback or HelpSteer source, with its reward by the rule.
+
+    This is the N-completions-per-prompt view (``scored.parquet``-shaped: prompt, completion,
+    reward, details), for importing ratings instead of running a reward model.
+    """
+    options = options or FormatOptions()
+    drops = Drops(on_invalid)
+    records = _records(source, base_dir)
+    first = next(records, None)
+    if first is None:
+        raise DataError("no records", file=source, reason="empty")
+    fmt = detect(first[1], first[0]) if options.format == "auto" else options.format
+    if fmt not in RATED_FORMATS:
+        raise DataError(
+            f"format {fmt!r} has no ratings (expected ultrafeedback or helpsteer)",
+            file=source,
+            reason="bad_format",
+        )
+    reader = RatedReader(fmt, "scored", options, drops)
+    out: list[ScoredCompletion] = []
+    for where, record in itertools.chain([first], records):
+        try:
+            out.extend(reader.feed(record, where))
+        except DataError as exc:
+            drops.invalid(exc)
+    out.extend(reader.finish())
+    return out, drops.counts
