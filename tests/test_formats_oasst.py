@@ -14,6 +14,7 @@ prompter/assistant messages with ``rank`` among siblings (0 = best), ``lang``, `
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -152,3 +153,15 @@ def test_nested_tree_errors_name_the_message_path(tmp_path) -> None:
         f"{source}: line 1: field 'prompt.replies[0].role': roles must alternate prompter, assistant from the "
         "initial prompt down"
     )
+
+
+def test_gzipped_exports_read_as_they_ship(tmp_path) -> None:
+    """OpenAssistant ships ``*.trees.jsonl.gz``; a cut archive is one line naming the file."""
+    data = Path(TREES).read_bytes()
+    packed = tmp_path / "2023-04-12_oasst_ready.trees.jsonl.gz"
+    packed.write_bytes(gzip.compress(data))
+    assert read(str(packed), "preferences") == read(TREES, "preferences")
+    cut = tmp_path / "cut.trees.jsonl.gz"
+    cut.write_bytes(gzip.compress(data)[:200])
+    message = first_error(str(cut), "sft")
+    assert message.startswith(f"{cut}: cannot read file (") and "\n" not in message
