@@ -148,3 +148,11 @@ def test_a_rating_the_set_does_not_have_is_refused() -> None:
 def test_pick_pairs(scores: list[float], strategy: str, pairs: list, ties: int) -> None:
     items = list(zip(scores, "abc", strict=False))
     assert pick_pairs(items, strategy) == (pairs, ties)  # type: ignore[arg-type]
+
+
+def test_scored_completions_refuse_a_source_without_ratings() -> None:
+    with pytest.raises(DataError) as info:
+        scored_completions(fixture("sharegpt_sft.jsonl"))
+    assert str(info.value) == (
+        f"{fixture('sharegpt_sft.jsonl')}: format 'sharegpt' has no ratings (expected ultrafeedback or helpsteer)"
+    )

@@ -94,7 +94,7 @@ def make_reader(fmt: str, kind: Kind, options: FormatOptions, drops: Drops) -> R
         return RecordReader(lambda record: llamafactory_rows(record, kind))
     if fmt == "oasst":
         return OasstReader(kind, options, drops)
-    if fmt in ("ultrafeedback", "helpsteer"):
+    if fmt in RATED_FORMATS:
         return RatedReader(fmt, kind, options, drops)
     raise DataError(
         f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}", reason="bad_format"
@@ -125,6 +125,40 @@ def _records(source: str, base_dir: Path | None) -> Iterator[tuple[Where, dict[s
         yield Where(source, index, unit), record
 
 
+def _read(
+    source: str,
+    base_dir: Path | None,
+    fmt: str,
+    part: str | None,
+    reader_for: Callable[[str], Reader],
+    drops: Drops,
+) -> tuple[str, Iterator[Any]]:
+    """(format, everything its reader makes of the records); bad records go to ``drops``.
+
+    ``fmt="auto"`` detects the format from the first record (``trl`` for an empty source).
+    """
+    records = _records(source, base_dir)
+    first = next(records, None)
+    if fmt == "auto":
+        fmt = detect(first[1], first[0], part) if first is not None else "trl"
+    try:
+        reader = reader_for(fmt)
+    except DataError as exc:  # a setting the source cannot have: name the source
+        raise DataError(exc.message, file=source, reason=exc.reason) from None
+
+    def produce() -> Iterator[Any]:
+        for where, record in itertools.chain([first] if first is not None else [], records):
+            try:
+                batch = reader.feed(record, where)
+            except DataError as exc:
+                drops.invalid(exc)
+                continue
+            yield from batch
+        yield from reader.finish()
+
+    return fmt, produce()
+
+
 def convert_source(
     source: str,
     kind: Kind,
@@ -147,24 +181,11 @@ def convert_source(
         raise ValueError(f"kind must be one of {sorted(ID_COLUMNS)}, on_invalid 'error' or 'drop'")
     options = options or FormatOptions()
     drops = Drops(on_invalid)
-    records = _records(source, base_dir)
-    first = next(records, None)
-    fmt = options.format
-    if fmt == "auto":
-        fmt = detect(first[1], first[0], part) if first is not None else "trl"
-    try:
-        reader = make_reader(fmt, kind, options, drops)
-    except DataError as exc:  # a setting the source cannot have: name the source
-        raise DataError(exc.message, file=source, reason=exc.reason) from None
+    fmt, rows = _read(
+        source, base_dir, options.format, part, lambda f: make_reader(f, kind, options, drops), drops
+    )
     collected = _Collector(kind, source)
-    for where, record in itertools.chain([first] if first is not None else [], records):
-        try:
-            rows = reader.feed(record, where)
-        except DataError as exc:
-            drops.invalid(exc)
-            continue
-        collected.add(rows)
-    collected.add(reader.finish())
+    collected.add(rows)
     dropped = drops.counts + collected.duplicates
     if not collected.rows:
         detail = f" (dropped: {dict(dropped)})" if dropped else ""
@@ -220,23 +241,13 @@ def scored_completions(
     """
     options = options or FormatOptions()
     drops = Drops(on_invalid)
-    records = _records(source, base_dir)
-    first = next(records, None)
-    if first is None:
-        raise DataError("no records", file=source, reason="empty")
-    fmt = detect(first[1], first[0]) if options.format == "auto" else options.format
-    if fmt not in RATED_FORMATS:
-        raise DataError(
-            f"format {fmt!r} has no ratings (expected ultrafeedback or helpsteer)",
-            file=source,
-            reason="bad_format",
-        )
-    reader = RatedReader(fmt, "scored", options, drops)
-    out: list[ScoredCompletion] = []
-    for where, record in itertools.chain([first], records):
-        try:
-            out.extend(reader.feed(record, where))
-        except DataError as exc:
-            drops.invalid(exc)
-    out.extend(reader.finish())
-    return out, drops.counts
+
+    def reader_for(fmt: str) -> Reader:
+        if fmt not in RATED_FORMATS:
+            raise DataError(
+                f"format {fmt!r} has no ratings (expected ultrafeedback or helpsteer)", reason="bad_format"
+            )
+        return RatedReader(fmt, "scored", options, drops)
+
+    _, items = _read(source, base_dir, options.format, None, reader_for, drops)
+    return list(items), drops.counts
