@@ -110,7 +110,8 @@ def test_helpsteer_groups_rows_by_prompt_and_splits_turns() -> None:
     times = [user("What is 2+2?"), asst("4"), user("And times 3?")]
     rows, _, _ = read(HS, "preferences", rating="mean")  # 3.0 > 2.8
     assert rows[1] == {"prompt": times, "chosen": [asst("(2+2)×3 = 12.")], "rejected": [asst("12")]}
-    sft, _, _ = read(HS, "sft")
+    sft, dropped, _ = read(HS, "sft")
+    assert dropped == {"empty_completion": 1, "no_rated_completion": 1, "wrong_type": 1}  # the Greek prompt
     assert sft == [
         {"prompt": [user("c#")], "completion": [asst(high_level)]},
         {"prompt": times, "completion": [asst("12")]},

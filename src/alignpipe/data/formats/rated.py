@@ -219,7 +219,9 @@ class RatedReader:
                 scored.append((reward, (text, details)))
         if self.kind == "scored":
             yield from (ScoredCompletion(prompt, text, reward, details) for reward, (text, details) in scored)
-        elif self.kind == "sft" and scored:
+        elif self.kind == "sft" and not scored:
+            self.drops.skip("no_rated_completion")
+        elif self.kind == "sft":
             best = max(scored, key=lambda pair: pair[0])  # max keeps the first of equal rewards
             yield {"prompt": prompt, "completion": [{"role": "assistant", "content": best[1][0]}]}
         elif self.kind == "preferences":
