@@ -127,9 +127,43 @@ class SourceParams(Section):
         description="Where the rows come from: 'builtin:verifiable-instructions', a file "
         "(jsonl, json, parquet or csv) or 'hf:<dataset>[:<config>]@<split>'.",
     )
+    format: Literal[
+        "auto", "trl", "hh", "sharegpt", "llamafactory", "oasst", "ultrafeedback", "helpsteer"
+    ] = Field(
+        "auto",
+        description="The rows' format: 'auto' tells it from the fields of the first row (an ambiguous "
+        "row asks you to name it), or one of trl, hh (Anthropic HH text), sharegpt (axolotl/LLaMA-Factory "
+        "'conversations'), llamafactory (v1 'messages'/'chosen_messages' with content parts), oasst "
+        "(OpenAssistant messages or trees), ultrafeedback (raw rated completions), helpsteer.",
+    )  # fmt: skip
+    lang: str | list[str] | None = Field(
+        None,
+        description="oasst only: keep messages in these languages (their 'lang' codes, e.g. en or "
+        "[en, de]); other messages are dropped with their replies and counted (null: every language).",
+    )
+    pairs: Literal["best_vs_worst", "all_pairs"] = Field(
+        "best_vs_worst",
+        description="oasst, ultrafeedback, helpsteer preferences: best_vs_worst pairs the best-ranked "
+        "answer to a prompt with the worst; all_pairs pairs every two answers whose rank or rating "
+        "differ (equal ones count as 'tie').",
+    )
+    rating: str = Field(
+        "auto",
+        description="ultrafeedback, helpsteer: the score that ranks completions: 'overall' "
+        "(UltraFeedback overall_score), 'mean' (mean of the rated aspects), an aspect (e.g. "
+        "helpfulness, honesty, correctness) or 'auto' (overall for UltraFeedback, helpfulness for "
+        "HelpSteer).",
+    )
     max_rows: PositiveInt | None = Field(
         None, description="Keep only the first rows, e.g. for a quick trial run (null: all rows)."
     )
+
+    @field_validator("lang")
+    @classmethod
+    def _some_languages(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None and (not value or (isinstance(value, list) and not all(value))):
+            raise ValueError("give language codes (e.g. en or [en, de]) or null for every language")
+        return value
 
 
 class DataParams(Section):
