@@ -89,6 +89,8 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
     rows = read_parquet(paths.data, SFT)
     data = encode_rows(tokenizer, rows, params.max_length, params.truncation, where=str(paths.data))
     args = training_arguments(params, paths.checkpoints)
+    if args.should_save:
+        data.truncation.warn("sft", "rows", "sft.max_length")
     with args.main_process_first(local=False, desc="sft checkpoints"):
         resume = resume_point(
             paths.checkpoints, fingerprint(params, paths.data, paths.model, args.world_size), args.should_save
@@ -364,6 +366,7 @@ def summarize(
         "tokens": state.num_input_tokens_seen,  # prompt + completion tokens trained through, whole run
         "completion_tokens_per_epoch": data.completion_tokens,
         "truncated": data.truncated,
+        "truncation": data.truncation.as_dict(),  # rows cut, by what was cut (prompt, completion, both)
         "dropped": data.dropped,
         "wall_seconds": round(wall_seconds, 1),
         "tokens_per_second": round(

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from alignpipe.chat import ChatTemplateError, encode_completion
+from alignpipe.chat import ChatTemplateError, Truncation, TruncationError, encode_completion
 from alignpipe.io import write_json
 from alignpipe.params import SftParams
 
@@ -64,8 +64,13 @@ class SftData:
 
     examples: list[SftExample] = field(default_factory=list)
     rows: int = 0
-    truncated: int = 0  # sequences cut to max_length (sft.truncation: truncate)
+    truncation: Truncation = field(default_factory=Truncation)  # rows cut to max_length, by what was cut
     dropped: int = 0  # sequences left out for being longer than max_length (sft.truncation: drop)
+
+    @property
+    def truncated(self) -> int:
+        """Sequences cut to max_length (sft.truncation: truncate)."""
+        return self.truncation.cut
 
     @property
     def tokens(self) -> int:
@@ -85,8 +90,9 @@ def encode_rows(
 ) -> SftData:
     """Tokenize SFT rows (schema ``alignpipe.schema.SFT``) into training examples.
 
-    A sequence longer than ``max_length`` is cut (prompt start first, then the
-    completion end, see ``encode_completion``) or dropped; both are counted.
+    A sequence longer than ``max_length`` is cut (the prompt inside its first user turn, as far as
+    needed to leave the completion ``min(its length, max_length // 2)`` tokens, then the
+    completion's end; see ``encode_completion``) or dropped; both are counted.
     """
     if not rows:
         raise SftDataError(f"{where}: no rows, nothing to train on")
@@ -102,9 +108,13 @@ def encode_rows(
                     data.dropped += 1
                     continue
                 enc = encode_completion(tokenizer, row["prompt"], row["completion"], max_length=max_length)
-                data.truncated += 1
+        except TruncationError as exc:
+            raise SftDataError(
+                f"{where}: row {i} (id {row.get('id')!r}): {exc} (sft.max_length={max_length}; raise it)"
+            ) from None
         except (ChatTemplateError, KeyError, TypeError) as exc:
             raise SftDataError(f"{where}: row {i} (id {row.get('id')!r}): {exc}") from None
+        data.truncation.count(enc.prompt_cut, enc.completion_cut)
         data.examples.append(SftExample(enc.input_ids, len(enc.prompt_ids)))
     if not data.examples:
         raise SftDataError(
