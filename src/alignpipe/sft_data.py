@@ -52,6 +52,7 @@ class SftExample:
 
     input_ids: list[int]
     prompt_len: int
+    row_id: str = ""  # the row's id (or "row <i>"): named when a batch goes non-finite
 
     @property
     def labels(self) -> list[int]:
@@ -115,7 +116,8 @@ def encode_rows(
         except (ChatTemplateError, KeyError, TypeError) as exc:
             raise SftDataError(f"{where}: row {i} (id {row.get('id')!r}): {exc}") from None
         data.truncation.count(enc.prompt_cut, enc.completion_cut)
-        data.examples.append(SftExample(enc.input_ids, len(enc.prompt_ids)))
+        row_id = str(row["id"]) if row.get("id") is not None else f"row {i}"
+        data.examples.append(SftExample(enc.input_ids, len(enc.prompt_ids), row_id))
     if not data.examples:
         raise SftDataError(
             f"{where}: all {data.rows} rows are longer than sft.max_length={max_length} and were dropped; "
@@ -133,9 +135,9 @@ class SftDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         example = self.examples[i]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        return {"input_ids": example.input_ids, "labels": example.labels, "row_id": example.row_id}
 
 
 class LengthGroupedSampler(Sampler[int]):
