@@ -10,13 +10,13 @@ generation, reference log-probs, DPO and evaluation all see the same tokens:
   its own BOS never gets a second one.
 
 Truncation never cuts through the chat template. A prompt too long for its budget loses the
-start of its first user turn's text (whole earlier turns go first when emptying that turn is
-not enough) and is rendered again, so the template's header and the system prompt always stay;
-a prompt whose header and system prompt alone exceed the budget is refused
-(:class:`TruncationError`, naming the row), as is a row that would keep nothing of its
-completion. A completion keeps its start (cut ones have no EOS: they did not end). What was cut
-is counted per row (:class:`Truncation`: prompt, completion or both) and a stage warns in one
-line when more than :data:`WARN_FRACTION` of its rows were cut.
+start of its first user turn's text (when emptying that turn is not enough, it and the turns up
+to the next user turn go) and is rendered again, so the template's header and the system prompt
+always stay (a prompt whose header and system prompt alone exceed the budget is kept whole). A
+row that would keep nothing of its completion is refused (:class:`TruncationError`; the stage
+names the row and the key to raise). A completion keeps its start (cut ones have no EOS: they
+did not end). What was cut is counted per row (:class:`Truncation`: prompt, completion or both)
+and a stage warns in one line when more than :data:`WARN_FRACTION` of its rows were cut.
 """
 
 from __future__ import annotations
@@ -197,9 +197,10 @@ def encode_completion(
 
     Truncation, when ``max_length`` is set: the prompt may take ``max_prompt_length`` tokens
     (without it, as in SFT, when the row is too long: what leaves the completion
-    ``min(its length, max_length // 2)``); a longer one is cut inside its first user turn (see :func:`fit_prompt`); then the completion is
-    cut to fit (keeping its start, with no EOS: it did not end). Raises :class:`TruncationError`
-    when the prompt's header and system prompt alone exceed the prompt's budget.
+    ``min(its length, max_length // 2)``); a longer one is cut inside its first user turn (see
+    :func:`fit_prompt`); one whose header and system prompt alone exceed that budget is kept
+    whole. Then the completion is cut to fit (keeping its start, with no EOS: it did not end).
+    Raises :class:`TruncationError` when nothing of the completion is left.
     """
     prompt_text, completion_text = _completion_text(tokenizer, prompt, completion)
     prompt_ids = encode_ids(tokenizer, prompt_text)
@@ -219,17 +220,19 @@ def encode_completion(
             return len(encode_ids(tokenizer, render_prompt(tokenizer, messages)))
 
         cut = fit_prompt(n_tokens, prompt, budget)
-        if cut is None:
-            raise TruncationError(
-                f"the prompt ({len(prompt_ids)} tokens) cannot be cut to {budget} tokens without cutting "
-                "into its chat template header or system prompt, and nothing of the completion would fit"
-            )
-        prompt_text, completion_text = _completion_text(tokenizer, cut, completion)
-        prompt_ids = encode_ids(tokenizer, prompt_text)
-        completion_ids = _completion_ids(tokenizer, completion_text)
+        if cut is None:  # its header and system prompt alone exceed the budget: kept whole
+            prompt_cut = False
+        else:
+            prompt_text, completion_text = _completion_text(tokenizer, cut, completion)
+            prompt_ids = encode_ids(tokenizer, prompt_text)
+            completion_ids = _completion_ids(tokenizer, completion_text)
     room = max_length - len(prompt_ids)
     if room < 1:
-        raise TruncationError(f"the prompt takes {len(prompt_ids)} tokens: nothing of the completion is left")
+        raise TruncationError(
+            f"the prompt takes {len(prompt_ids)} of {max_length} tokens and cannot be cut inside its first "
+            "user turn without cutting its chat template header or system prompt: nothing of the completion "
+            "is left"
+        )
     completion_cut = len(completion_ids) > room
     if completion_cut:
         completion_ids = completion_ids[:room]
