@@ -20,7 +20,7 @@ from alignpipe.ref_logps import run_ref_logps
 from alignpipe.rewards import RewardError
 from alignpipe.rewards.hf import HFReward
 from alignpipe.sft import summarize
-from alignpipe.sft_data import SftDataError, encode_rows
+from alignpipe.sft_data import SftDataError, encode_rows, warn_length_costs
 from alignpipe.testing import tiny_config, tiny_tokenizer
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -74,6 +74,8 @@ def test_dpo_prompt_is_cut_inside_the_user_turn_to_max_prompt_length(tok):
         assert len(side.prompt_ids) <= 32 and text.startswith(HEADER) and text.endswith(ASSISTANT)
         assert side.prompt_cut and not side.completion_cut and side.completion_ids[-1] == tok.eos_token_id
     assert pair.chosen.prompt_ids == pair.rejected.prompt_ids
+    kept = tok.decode(pair.chosen.prompt_ids)[len(HEADER) : -len(ASSISTANT)]
+    assert kept.split(" ")[0] in ("word", "QUESTION?")  # cut at a word boundary, not inside "word"
 
 
 def test_earlier_turns_are_dropped_when_emptying_the_first_user_turn_is_not_enough(tok):
@@ -218,3 +220,18 @@ def test_reward_details_say_what_was_cut(reward_dir):
     metrics = score_metrics("hf", [{"prompt_id": str(i)} for i in range(3)], results)
     assert metrics["truncation"] == {"rows": 3, "prompt": 1, "completion": 0, "both": 1}
     json.dumps(metrics)  # the metrics file takes it
+
+
+def test_sft_warns_when_many_rows_are_cut_or_dropped(tok, capsys):
+    rows = [sft_row([{"role": "user", "content": "hi"}], "ok", f"r{i}") for i in range(9)]
+    rows.append(sft_row([LONG_USER], "ok", "long"))
+    assert warn_length_costs(encode_rows(tok, rows, 64), 64) == [
+        "warning: sft: 1 of 10 rows truncated (10%: prompt 1, completion 0, both 0); raise sft.max_length to keep them whole"
+    ]
+    dropped = warn_length_costs(encode_rows(tok, rows, 64, truncation="drop"), 64)
+    assert dropped == [
+        "warning: sft: 1 of 10 rows dropped as longer than sft.max_length=64 (sft.truncation: drop); "
+        "raise sft.max_length to keep them"
+    ]
+    assert warn_length_costs(encode_rows(tok, rows[:9], 64), 64) == []
+    assert capsys.readouterr().err.count("warning: sft:") == 2

@@ -164,7 +164,30 @@ def shorten_message(
     while hi - lo > 1:  # invariant: kept(lo) fits, kept(hi) does not
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if n_tokens(kept(mid)) <= limit else (lo, mid)
-    return kept(lo)
+    whole = _whole_words(content, lo, keep)  # no word cut in half where a word boundary is near
+    return kept(whole) if whole != lo and n_tokens(kept(whole)) <= limit else kept(lo)
+
+
+def _whole_words(content: str, k: int, keep: str) -> int:
+    """Characters to keep (``k`` or fewer) so that the kept text neither starts (keep="end") or ends
+    (keep="start") inside a word nor with whitespace; ``k`` when the kept part has no word boundary."""
+    if k in (0, len(content)):
+        return k
+    if keep == "end":
+        text = content[len(content) - k :]
+        if not content[len(content) - k - 1].isspace():  # the cut is inside a word: drop that word's tail
+            space = next((i for i, ch in enumerate(text) if ch.isspace()), None)
+            if space is None:
+                return k
+            text = text[space:]
+        return len(text.lstrip()) or k
+    text = content[:k]
+    if not content[k].isspace():
+        space = next((i for i in range(len(text) - 1, -1, -1) if text[i].isspace()), None)
+        if space is None:
+            return k
+        text = text[:space]
+    return len(text.rstrip()) or k
 
 
 def fit_prompt(

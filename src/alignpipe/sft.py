@@ -51,6 +51,7 @@ from alignpipe.sft_data import (
     encode_rows,
     fingerprint,
     resume_point,
+    warn_length_costs,
 )
 from alignpipe.training import NonFiniteError
 
@@ -91,7 +92,7 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
     data = encode_rows(tokenizer, rows, params.max_length, params.truncation, where=str(paths.data))
     args = training_arguments(params, paths.checkpoints)
     if args.should_save:
-        data.truncation.warn("sft", "rows", "sft.max_length")
+        warn_length_costs(data, params.max_length)
     with args.main_process_first(local=False, desc="sft checkpoints"):
         resume = resume_point(
             paths.checkpoints, fingerprint(params, paths.data, paths.model, args.world_size), args.should_save

@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from alignpipe.chat import ChatTemplateError, Truncation, TruncationError, encode_completion
+from alignpipe.chat import WARN_FRACTION, ChatTemplateError, Truncation, TruncationError, encode_completion
 from alignpipe.io import write_json
 from alignpipe.params import SftParams
 
@@ -124,6 +125,19 @@ def encode_rows(
             "raise sft.max_length or set sft.truncation: truncate"
         )
     return data
+
+
+def warn_length_costs(data: SftData, max_length: int) -> list[str]:
+    """One ``warning:`` line each (stderr) when more than WARN_FRACTION of the rows were cut or dropped."""
+    lines = [line for line in [data.truncation.warn("sft", "rows", "sft.max_length")] if line]
+    if data.rows and data.dropped > WARN_FRACTION * data.rows:
+        line = (
+            f"warning: sft: {data.dropped} of {data.rows} rows dropped as longer than sft.max_length={max_length} "
+            "(sft.truncation: drop); raise sft.max_length to keep them"
+        )
+        print(line, file=sys.stderr, flush=True)
+        lines.append(line)
+    return lines
 
 
 class SftDataset(Dataset):
