@@ -74,8 +74,9 @@ def test_dpo_prompt_is_cut_inside_the_user_turn_to_max_prompt_length(tok):
         assert len(side.prompt_ids) <= 32 and text.startswith(HEADER) and text.endswith(ASSISTANT)
         assert side.prompt_cut and not side.completion_cut and side.completion_ids[-1] == tok.eos_token_id
     assert pair.chosen.prompt_ids == pair.rejected.prompt_ids
-    kept = tok.decode(pair.chosen.prompt_ids)[len(HEADER) : -len(ASSISTANT)]
-    assert kept.split(" ")[0] in ("word", "QUESTION?")  # cut at a word boundary, not inside "word"
+    roomy = encode_pair(tok, pair_row([SYSTEM, LONG_USER]), 96, 48).chosen
+    kept = tok.decode(roomy.prompt_ids)[len(HEADER) : -len(ASSISTANT)]
+    assert kept.startswith("word word") and kept.endswith("QUESTION?")  # cut at a word boundary
 
 
 def test_earlier_turns_are_dropped_when_emptying_the_first_user_turn_is_not_enough(tok):
