@@ -228,14 +228,7 @@ class NonFiniteStop(TrainerCallback):
         if not losses or model is None:
             return
         bad_loss = ~torch.isfinite(torch.cat(losses))
-        # fp16: the grad scaler skips steps with inf gradients and lowers its scale; that is not divergence
-        grads = [] if args.fp16 else [p.grad for p in model.parameters() if p.grad is not None]
-        bad_grad = (
-            ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
-            if grads
-            else torch.zeros((), dtype=torch.bool, device=bad_loss.device)
-        )
-        flags = torch.stack([bad_loss.any(), bad_grad.to(bad_loss.device)]).float()
+        flags = torch.stack([bad_loss.any().float(), self._bad_gradient(args, model).to(bad_loss.device)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags)
         if not bool(flags.any()):
@@ -247,6 +240,20 @@ class NonFiniteStop(TrainerCallback):
             f"sft: non-finite {what} at step {state.global_step + 1}; batch rows: {ids} "
             f"(weights and checkpoints stay at step {state.global_step})"
         )
+
+    @staticmethod
+    def _bad_gradient(args: Any, model: Any) -> torch.Tensor:
+        """1.0 if some gradient element (of this process's shard) is NaN/inf, else 0.0; one float64 sum
+        per tensor (a NaN or inf anywhere makes it non-finite), no element-wise mask.
+
+        fp16: the grad scaler skips steps with inf gradients and lowers its scale; that is not divergence.
+        """
+        grads = [] if args.fp16 else [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 DTensor shards
+        if not grads:
+            return torch.zeros(())
+        total = torch.stack([g.sum(dtype=torch.float64) for g in grads]).sum()
+        return (~torch.isfinite(total)).float()
 
 
 def build_model(params: SftParams, model_dir: Path) -> Any:
