@@ -122,7 +122,7 @@ def test_answers_stream_in_pieces_that_make_the_answer(chat_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     session = ChatSession(AutoModelForCausalLM.from_pretrained(chat_model), AutoTokenizer.from_pretrained(chat_model),
-                          GenerateParams(temperature=0.0, max_new_tokens=12))  # fmt: skip
+                          GenerateParams(n=1, temperature=0.0, max_new_tokens=12))  # fmt: skip
     pieces = list(session.stream("hi"))
     assert len(pieces) > 1 and "".join(pieces) == ANSWER
     assert session.history == [*HI, {"role": "assistant", "content": ANSWER}]

@@ -42,7 +42,8 @@ def settings_from(args: argparse.Namespace) -> GenerateParams:
         )  # fmt: skip
         if v is not None
     }
-    return params.model_validate(params.model_dump() | overrides)
+    # a chat samples one answer a turn (generate.n is best-of-N, and greedy needs n == 1)
+    return params.model_validate(params.model_dump() | {"n": 1} | overrides)
 
 
 class ChatSession:
