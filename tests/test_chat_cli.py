@@ -141,7 +141,7 @@ def test_sampling_settings_come_from_params_and_flags(tmp_path):
         GenerateParams().max_new_tokens,
     )
     defaults = settings_from(parser().parse_args(["chat", "m", "--params", str(tmp_path / "none.yaml")]))
-    assert defaults == GenerateParams()
+    assert defaults == GenerateParams(n=1)  # a chat samples one answer a turn
 
 
 def test_a_bad_folder_is_one_error_line(tmp_path, capsys):
