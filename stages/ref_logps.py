@@ -18,10 +18,13 @@ def main() -> None:
         "--pairs", type=Path, required=True, help="folder with train.parquet and eval.parquet"
     )
     parser.add_argument("--out", type=Path, required=True, help="output parquet (schema.REF_LOGPS)")
+    parser.add_argument("--metrics", type=Path, help="metrics json (pairs, tokens, truncation, seconds)")
     args = parser.parse_args()
     params = load_section("ref_logps")
     dpo = load_section("dpo")  # reads only dpo.max_length and dpo.max_prompt_length (the tokenization)
-    run_ref_logps(args.model, args.pairs, args.out, params, dpo.max_length, dpo.max_prompt_length)
+    run_ref_logps(
+        args.model, args.pairs, args.out, params, dpo.max_length, dpo.max_prompt_length, args.metrics
+    )
 
 
 if __name__ == "__main__":
