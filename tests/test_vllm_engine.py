@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ci_skips import in_ci
 from faults import artifact_digests, file_appears, run_process, temp_leftovers
 from workspace import ROOT, env, make_workspace, ran_stages
 
@@ -55,7 +56,7 @@ def score(prompts, completions):
 def vllm_python() -> Path:
     if not VLLM_PYTHON.exists():
         message = f"vLLM's environment is missing ({VLLM_PYTHON}): run `make vllm-env`"
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     return VLLM_PYTHON
