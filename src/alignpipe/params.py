@@ -8,8 +8,11 @@ or a bad value fails early with the key, the reason and the closest valid key:
 
 from __future__ import annotations
 
+import atexit
 import difflib
+import json
 import os
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -278,4 +281,53 @@ def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Secti
     if unknown:
         validate(Params, {k: data[k] for k in unknown}, where=str(path))
     model = typing.cast(type[Section], Params.model_fields[section].annotation)
-    return validate(model, data.get(section), where=str(path), prefix=section)
+    loaded = validate(model, data.get(section), where=str(path), prefix=section)
+    if os.environ.get(TRACE_ENV):
+        _TRACE.watch(loaded, section)
+    return loaded
+
+
+TRACE_ENV = "ALIGNPIPE_PARAMS_TRACE"
+
+
+class ParamsTrace:
+    """Records which params keys a process reads, for the test that dvc.yaml lists them all.
+
+    With ``ALIGNPIPE_PARAMS_TRACE=<file>`` set, every section ``load_section`` returns is watched:
+    reading a field (``dpo.beta``, ``data.builtin.n_sft``) records its dotted key, and at exit one
+    JSON line ``{"script": ..., "keys": [...]}`` is appended to the file. Unset, nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.watched: dict[int, tuple[Section, str]] = {}  # id -> (the section, kept alive; its key)
+        self.keys: set[str] = set()
+        self.installed = False
+
+    def watch(self, section: Section, key: str) -> None:
+        self.watched[id(section)] = (section, key)
+        for name in type(section).model_fields:
+            value = object.__getattribute__(section, name)
+            if isinstance(value, Section):
+                self.watch(value, f"{key}.{name}")
+        if not self.installed:
+            self.installed = True
+            trace = self
+
+            def getattribute(obj: Any, name: str) -> Any:
+                value = object.__getattribute__(obj, name)
+                entry = trace.watched.get(id(obj))
+                if entry is not None and entry[0] is obj and name in type(obj).model_fields:
+                    trace.keys.add(f"{entry[1]}.{name}")
+                return value
+
+            Section.__getattribute__ = getattribute  # type: ignore[method-assign]
+            atexit.register(lambda: self.flush(sys.argv[0]))
+
+    def flush(self, script: str) -> None:
+        path = os.environ.get(TRACE_ENV)
+        if path:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"script": script, "keys": sorted(self.keys)}) + "\n")
+
+
+_TRACE = ParamsTrace()
