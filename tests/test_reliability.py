@@ -256,7 +256,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_artifact_in_place(tmp_pat
 
 def test_resuming_metrics_after_a_kill_mid_summary_and_mid_line(tmp_path):
     """A kill can leave DVCLive's metrics.json empty and a curve with points past the checkpoint."""
-    from alignpipe.training import MetricsLog
+    from alignpipe.training.checkpoints import MetricsLog
 
     (tmp_path / "plots/metrics").mkdir(parents=True)
     (tmp_path / "metrics.json").write_text("")  # killed while DVCLive rewrote it

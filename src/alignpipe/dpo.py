@@ -41,7 +41,7 @@ from alignpipe.runtime import (
     resolve_dtype,
     seed_everything,
 )
-from alignpipe.training import (
+from alignpipe.training.checkpoints import (
     MetricsLog,
     NonFiniteError,
     Window,
