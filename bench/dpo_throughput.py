@@ -220,7 +220,7 @@ def compute_dtype(settings: dict[str, Any]) -> torch.dtype:
 
 
 class StepLosses:
-    """Stands in for alignpipe.training.MetricsLog: keeps each step's loss (logging_steps = 1)."""
+    """Stands in for alignpipe.training.metrics.MetricsLog: keeps each step's loss (logging_steps = 1)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []

@@ -43,7 +43,7 @@ from alignpipe.runtime import load_causal_lm, load_tokenizer
 from alignpipe.score import score, score_rows
 from alignpipe.sft_data import encode_rows
 from alignpipe.testing import tiny_config, tiny_tokenizer
-from alignpipe.training.checkpoints import save_model
+from alignpipe.training.loop import save_model
 
 USER = [{"role": "user", "content": "Say hi."}]
 SFT_LINE = json.dumps({"prompt": "Say hi.", "completion": "hi"})

@@ -22,7 +22,7 @@ from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.runtime import load_tokenizer
 from alignpipe.testing import tiny_model
-from alignpipe.training.checkpoints import NonFiniteError
+from alignpipe.training.loop import NonFiniteError
 
 N_TRAIN = 8
 LENGTHS = {"max_length": 64, "max_prompt_length": 32}

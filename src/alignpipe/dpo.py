@@ -38,22 +38,19 @@ from alignpipe.runtime import (
     enable_activation_checkpointing,
     load_causal_lm,
     load_tokenizer,
-    resolve_dtype,
     seed_everything,
 )
 from alignpipe.training.checkpoints import (
-    MetricsLog,
-    NonFiniteError,
-    Window,
-    apply_peft,
-    build_optimizer,
-    build_scheduler,
+    checkpoint_history,
     find_checkpoint,
-    fingerprint,
     load_checkpoint,
     save_checkpoint,
-    save_model,
 )
+from alignpipe.training.fingerprint import fingerprint
+from alignpipe.training.loop import NonFiniteError, Window, build_optimizer, build_scheduler, save_model
+from alignpipe.training.metrics import MetricsLog
+from alignpipe.training.peft import apply_peft
+from alignpipe.training.precision import compute_dtype, weights_dtype
 
 # Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -270,7 +267,7 @@ def log_window(log: MetricsLog, step: int, window: Window, last: StepStats) -> N
     log.log(step, metrics)
 
 
-def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: str) -> dict[str, Any]:
+def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: dict[str, Any]) -> dict[str, Any]:
     """The loop: step, sync the TR-DPO reference, log, evaluate, checkpoint."""
     from tqdm.auto import tqdm
 
@@ -290,7 +287,7 @@ def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: str) 
         if run.eval is not None and (step % p.eval_steps == 0 or step == run.total_steps):
             log.log(step, evaluate(run))
         if step % p.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(acc, checkpoints, step, fp, run.scheduler, run.ref_scorer)
+            save_checkpoint(acc, checkpoints, step, fp, run.scheduler, run.ref_scorer, log.history)
         bar.update(1)
     bar.close()
     if acc.is_main_process:
@@ -304,7 +301,7 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     """Accelerator, data, policy (LoRA when asked), live reference, optimizer and scheduler."""
     from accelerate import Accelerator
 
-    compute = resolve_dtype(params.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    compute = compute_dtype(params)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum)
     seed_everything(params.seed)
@@ -314,12 +311,10 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     train_data = load_split(pairs_dir, "train", ref_logps, tokenizer, *lengths)
     has_eval = (pairs_dir / "eval.parquet").exists()
     eval_data = load_split(pairs_dir, "eval", ref_logps, tokenizer, *lengths) if has_eval else None
-    # full fine-tuning keeps float32 master weights (bf16 autocast on GPU); LoRA keeps the base in bf16
-    weights = str(compute).removeprefix("torch.") if params.peft.enabled else "float32"
-    model = load_causal_lm(model_dir, dtype=weights, device=acc.device)
+    model = load_causal_lm(model_dir, dtype=weights_dtype(params), device=acc.device)
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    scorer = CompletionScorer(apply_peft(model, params)).train()
+    scorer = CompletionScorer(apply_peft(model, params.peft)).train()
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
@@ -352,16 +347,17 @@ def run_dpo(
     check_loss(params)
     run, tokenizer = build_run(model_dir, pairs_dir, ref_logps, params)
     acc = run.accelerator
-    fp = fingerprint(params, [model_dir, pairs_dir / "train.parquet", ref_logps])
+    inputs = {"model": model_dir, "train pairs": pairs_dir / "train.parquet", "ref_logps": ref_logps}
+    fp = fingerprint(params, inputs, acc.num_processes)
     if acc.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        find_checkpoint(checkpoints, fp)  # deletes stale ones
+        find_checkpoint(checkpoints, fp, "dpo")  # deletes stale ones
     acc.wait_for_everyone()
-    found = find_checkpoint(checkpoints, fp)
+    found = find_checkpoint(checkpoints, fp, "dpo")
     start = load_checkpoint(acc, found, run.scheduler, run.ref_scorer) if found else 0
     if found and acc.is_main_process:
         print(f"dpo: resuming from {found} (step {start} of {run.total_steps})", flush=True)
-    log = MetricsLog(metrics_dir, acc.is_main_process, resume_step=start)
+    log = MetricsLog(metrics_dir, acc.is_main_process, checkpoint_history(found) if found else ())
     summary = train(run, start, log, checkpoints, fp)
     state = acc.get_state_dict(run.scorer)
     if acc.is_main_process:

@@ -37,7 +37,6 @@ from alignpipe.runtime import (
     load_causal_lm,
     load_tokenizer,
     pick_device,
-    resolve_dtype,
     seed_everything,
 )
 from alignpipe.schema import SFT
@@ -45,13 +44,15 @@ from alignpipe.sft_data import (
     LengthGroupedSampler,
     SftData,
     SftDataset,
-    checkpoint_step,
     collate_packed,
     collate_padded,
     encode_rows,
-    fingerprint,
-    resume_point,
 )
+from alignpipe.training.checkpoints import checkpoint_step, resume_point
+from alignpipe.training.fingerprint import fingerprint
+from alignpipe.training.metrics import MetricsLog
+from alignpipe.training.peft import lora_config
+from alignpipe.training.precision import compute_dtype, weights_dtype
 
 # DVCLive names of the Trainer's log keys (reports/sft/plots/metrics/train/*.tsv).
 LIVE_METRICS = {
@@ -90,9 +91,9 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
     data = encode_rows(tokenizer, rows, params.max_length, params.truncation, where=str(paths.data))
     args = training_arguments(params, paths.checkpoints)
     with args.main_process_first(local=False, desc="sft checkpoints"):
-        resume = resume_point(
-            paths.checkpoints, fingerprint(params, paths.data, paths.model, args.world_size), args.should_save
-        )
+        inputs = {"data": paths.data, "base model": paths.model}
+        fp = fingerprint(params, inputs, args.world_size)
+        resume = resume_point(paths.checkpoints, fp, "sft", args.should_save)
     live = LiveCallback(paths.metrics_dir)
     trainer = _SftTrainer(
         model=build_model(params, paths.model),
@@ -138,7 +139,7 @@ def check_settings(params: SftParams) -> None:
 
 
 def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArguments:
-    dtype = resolve_dtype(params.dtype, pick_device())
+    dtype = compute_dtype(params)
     return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=params.batch_size,
@@ -198,30 +199,7 @@ def build_model(params: SftParams, model_dir: Path) -> Any:
         )
     elif params.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(params))
-
-
-def weights_dtype(params: SftParams) -> str:
-    """The dtype of the trained (and saved) weights: bf16 on GPU, fp32 on CPU by default.
-
-    fp16 trains fp32 weights under fp16 autocast; QLoRA's adapters compute in bf16.
-    """
-    if params.peft.load_in_4bit:
-        return "bfloat16"
-    dtype = resolve_dtype(params.dtype, pick_device())
-    return "bfloat16" if dtype == torch.bfloat16 else "float32"
-
-
-def lora_config(params: SftParams) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=params.peft.r,
-        lora_alpha=params.peft.alpha,
-        lora_dropout=params.peft.dropout,
-        target_modules=params.peft.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    return get_peft_model(model, lora_config(params.peft))
 
 
 def _load_4bit(model_dir: Path) -> Any:
@@ -270,7 +248,7 @@ def merge_lora(
 
     adapters = get_peft_model_state_dict(peft_model, state_dict=state_dict)
     base = load_causal_lm(model_dir, dtype=weights_dtype(params), device=torch.device("cpu"))
-    fresh = get_peft_model(base, lora_config(params))
+    fresh = get_peft_model(base, lora_config(params.peft))
     set_peft_model_state_dict(fresh, adapters)
     return fresh.merge_and_unload()
 
@@ -315,11 +293,7 @@ class LiveCallback(TrainerCallback):
         self.begin_tokens = state.num_input_tokens_seen
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
         if state.is_world_process_zero:
-            from dvclive import Live
-
-            self.live = Live(dir=str(self.metrics_dir), save_dvc_exp=False, dvcyaml=None)
-            for entry in state.log_history:
-                self._write(entry)
+            self.live = MetricsLog(self.metrics_dir, True, [p for e in state.log_history if (p := _point(e))])
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -327,20 +301,22 @@ class LiveCallback(TrainerCallback):
         if "loss" in entry and now > self._last[0]:
             entry["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
         self._last = (now, tokens)
-        if self.live is not None:
-            self._write(entry)
+        if self.live is not None and (point := _point(entry)):
+            self.live.log(*point)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.live is not None:
-            self.live.end()
+            self.live.close()
 
-    def _write(self, entry: dict[str, Any]) -> None:
-        if "loss" not in entry:
-            return
-        self.live.step = entry["step"]
-        for key, name in LIVE_METRICS.items():
-            if key in entry and math.isfinite(entry[key]):
-                self.live.log_metric(name, float(entry[key]))
+
+def _point(entry: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
+    """A Trainer log entry as a curve point under the DVCLive names (None: not a training log)."""
+    if "loss" not in entry:
+        return None
+    metrics = {
+        name: entry[key] for key, name in LIVE_METRICS.items() if key in entry and math.isfinite(entry[key])
+    }
+    return entry["step"], metrics
 
 
 def summarize(
