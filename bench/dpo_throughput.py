@@ -46,10 +46,10 @@ from unittest import mock
 
 import torch
 
-from alignpipe import schema
-from alignpipe.chat import encode_completion, encode_ids, render_prompt
-from alignpipe.io import write_parquet
-from alignpipe.logprobs import EncodedPair, read_pairs
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import write_parquet
+from alignpipe.core.chat import encode_completion, encode_ids, render_prompt
+from alignpipe.core.logprobs import EncodedPair, read_pairs
 from alignpipe.params import DpoParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def resolved_device(name: str) -> str:
 
 
 def bench_tokenizer(model: str) -> Any:
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.models import load_tokenizer
     from alignpipe.testing import tiny_tokenizer
 
     folder = Path(model) if model not in SHAPES else REPO / "models" / "base"
@@ -214,7 +214,7 @@ def encoded(settings: dict[str, Any], workdir: Path, tokenizer: Any) -> list[Enc
 
 
 def compute_dtype(settings: dict[str, Any]) -> torch.dtype:
-    from alignpipe.runtime import resolve_dtype
+    from alignpipe.core.models import resolve_dtype
 
     return resolve_dtype(settings["dtype"], settings["device"])
 
@@ -236,8 +236,8 @@ class StepLosses:
 def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Reference pass (timed) then the DPO loop (timed); the reference model is freed in between."""
     import alignpipe.dpo as dpo
-    from alignpipe.logprobs import load_reference, reference_logps
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.logprobs import load_reference, reference_logps
+    from alignpipe.core.models import load_tokenizer
 
     s, device = settings, torch.device(settings["device"])
     params = DpoParams(
@@ -274,8 +274,8 @@ def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def patches(s: dict[str, Any]) -> list[tuple[Any, str, Any]]:
     """(module, name, value) swaps for ``--parity`` (file order: no shuffle, no length grouping, the
     order of TRL's sequential sampler) and ``--ablate`` (optimisations off, for bench/NOTES.md)."""
+    import alignpipe.core.logprobs as logprobs
     import alignpipe.dpo as dpo
-    import alignpipe.logprobs as logprobs
 
     def file_order(lengths: list[int], size: int, seed: int, epoch: int) -> list[list[int]]:
         return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
@@ -327,7 +327,7 @@ def run_trl(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.models import load_tokenizer
 
     s = settings
     tokenizer = load_tokenizer(s["model_dir"])

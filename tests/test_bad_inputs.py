@@ -27,19 +27,19 @@ import torch
 from faults import file_size_limit, limit_file_size_in_child, stage_argv, temp_leftovers
 from workspace import env, make_workspace, set_params
 
-from alignpipe import schema
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet, write_json, write_parquet
 from alignpipe.cli import DEBUG_ENV, _is_ours
+from alignpipe.core.logprobs import encode_pair, read_pairs
+from alignpipe.core.models import load_causal_lm, load_tokenizer
 from alignpipe.dpo import check_loss
 from alignpipe.generate import read_generations, run_generate
-from alignpipe.io import read_parquet, write_json, write_parquet
-from alignpipe.logprobs import encode_pair, read_pairs
 from alignpipe.pairs import pairs
 from alignpipe.params import DataParams, RewardParams, load_section
 from alignpipe.prepare import prepare
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.rewards import get_reward
 from alignpipe.rewards.hf import load_reward_model
-from alignpipe.runtime import load_causal_lm, load_tokenizer
 from alignpipe.score import score, score_rows
 from alignpipe.sft_data import encode_rows
 from alignpipe.testing import tiny_config, tiny_tokenizer

@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from alignpipe import dpo as dpo_module
-from alignpipe import schema
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.core.logprobs import CompletionScorer, PairLogps
+from alignpipe.core.models import load_tokenizer
 from alignpipe.dpo import merged_weights, pair_losses, run_dpo, sync_reference
 from alignpipe.dpo_data import epoch_batches, load_split, micro_batches, steps_per_epoch
-from alignpipe.io import read_parquet, write_parquet
-from alignpipe.logprobs import CompletionScorer, PairLogps
 from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
-from alignpipe.runtime import load_tokenizer
 from alignpipe.testing import tiny_model
 from alignpipe.training.loop import NonFiniteError
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 import yaml
 
-from alignpipe import schema
-from alignpipe.chat import encode_completion
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.core.chat import encode_completion
+from alignpipe.core.logprobs import encode_pairs, load_reference, reference_logps
 from alignpipe.data.builtin import make_items
 from alignpipe.evaluate import (
     Answer,
@@ -33,8 +35,6 @@ from alignpipe.evaluate import (
     sequence_logps,
     win_rate,
 )
-from alignpipe.io import read_parquet, write_parquet
-from alignpipe.logprobs import encode_pairs, load_reference, reference_logps
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 from alignpipe.report import eval_metrics, md_cell, model_summary, pass_rates, reward_histogram, write_reports
 from alignpipe.testing import save_tiny_model
@@ -146,7 +146,7 @@ def two_models(tmp_path_factory):
 
 def direct_logp(model_dir: Path, prompt, completion: str, ended: bool) -> float:
     """log p(completion | prompt) by a full forward and a full log_softmax."""
-    from alignpipe.runtime import load_causal_lm, load_tokenizer
+    from alignpipe.core.models import load_causal_lm, load_tokenizer
 
     tok, model = (
         load_tokenizer(model_dir),
@@ -190,7 +190,7 @@ def eval_data(tmp_path_factory, two_models):
         for i, (p, c, r) in enumerate(zip(prompts[:2], ["the ocean is wide", "12"], ["The Ocean, Vast.", "twelve"], strict=True))
     ]  # fmt: skip
     write_parquet(pairs, root / "eval.parquet", schema.PAIRS)
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.models import load_tokenizer
 
     tok = load_tokenizer(two_models[0])
     encoded = encode_pairs(tok, pairs, DPO.max_length, DPO.max_prompt_length, "t")

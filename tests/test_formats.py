@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignpipe import schema
+from alignpipe.artifacts import schema
 from alignpipe.data.errors import DataError, Where
 from alignpipe.data.formats import (
     convert,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from alignpipe.artifacts.io import ArtifactError, read_json, write_parquet
+from alignpipe.artifacts.schema import PROMPTS
 from alignpipe.generate import (
     MANIFEST,
     plan_chunks,
@@ -16,9 +18,7 @@ from alignpipe.generate import (
     shard_chunks,
     write_chunk,
 )
-from alignpipe.io import ArtifactError, read_json, write_parquet
 from alignpipe.params import GenerateParams
-from alignpipe.schema import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROMPTS = 7

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import alignpipe.generation as gen
-from alignpipe.chat import encode_ids
+from alignpipe.core.chat import encode_ids
 from alignpipe.generation import GenerationError, PromptRequest, build_requests, derive_seed, resolve_backend
 from alignpipe.generation import vllm as gvllm
 from alignpipe.generation.hf import (

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from alignpipe import schema
-from alignpipe.io import read_parquet, write_parquet
-from alignpipe.logprobs import (
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.core.logprobs import (
     CompletionScorer,
     PairDataError,
     collate_pairs,
@@ -113,7 +113,7 @@ def test_packed_equals_padded_within_1e5_fp32(model, tokenizer, pairs, row_token
 
 def test_binned_rows_hold_several_sequences_and_no_row_exceeds_the_longest(tokenizer):
     """First-fit decreasing: lengths 9, 5, 4, 3, 3 (capacity 9) -> rows [9], [5, 4], [3, 3]."""
-    from alignpipe.logprobs import _row_starts
+    from alignpipe.core.logprobs import _row_starts
 
     rows, row_len, starts = _row_starts([3, 9, 5, 4, 3], padding_free=True, row_tokens=0)
     assert (rows, row_len) == (3, 9)

@@ -6,8 +6,8 @@ import pytest
 from test_architecture import uncovered_reads
 from workspace import dvc, make_workspace, ran_stages, set_params
 
-from alignpipe import schema
-from alignpipe.io import read_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet
 from alignpipe.params import TRACE_ENV
 
 pytestmark = pytest.mark.slow

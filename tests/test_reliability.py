@@ -236,7 +236,7 @@ def test_killing_dvc_repro_mid_stage_caches_nothing_partial_and_the_rerun_resume
 
 KILLED_WRITER = """
 import os, signal, sys
-from alignpipe.io import atomic_path
+from alignpipe.artifacts.io import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half of the new")
     os.kill(os.getpid(), signal.SIGKILL)

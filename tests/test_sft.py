@@ -19,10 +19,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from alignpipe.chat import ChatTemplateError
-from alignpipe.io import ArtifactError, write_parquet
+from alignpipe.artifacts.io import ArtifactError, write_parquet
+from alignpipe.artifacts.schema import SFT
+from alignpipe.core.chat import ChatTemplateError
 from alignpipe.params import PeftParams, SftParams
-from alignpipe.schema import SFT
 from alignpipe.sft import SftConfigError, SftPaths, check_settings, run_sft
 from alignpipe.sft_data import (
     IGNORE_INDEX,

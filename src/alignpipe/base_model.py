@@ -20,10 +20,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignpipe.artifacts.io import atomic_path
 from alignpipe.cli import Timer
-from alignpipe.io import atomic_path
+from alignpipe.core.models import ModelFolderError, check_model_folder
 from alignpipe.params import BaseModelParams
-from alignpipe.runtime import ModelFolderError, check_model_folder
 
 CACHE_ENV = "ALIGNPIPE_CACHE"
 # Files of an HF model folder worth copying (weights, config, tokenizer, templates); never pickles.

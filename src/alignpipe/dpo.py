@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignpipe import losses
-from alignpipe.chat import require_chat_template
 from alignpipe.cli import Timer
-from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
-from alignpipe.logprobs import (
+from alignpipe.core import losses
+from alignpipe.core.chat import require_chat_template
+from alignpipe.core.logprobs import (
     CompletionScorer,
     PairLogps,
     collate_pairs,
@@ -33,13 +32,14 @@ from alignpipe.logprobs import (
     pair_logps,
     shares_prompt,
 )
-from alignpipe.params import DpoParams
-from alignpipe.runtime import (
+from alignpipe.core.models import (
     enable_activation_checkpointing,
     load_causal_lm,
     load_tokenizer,
     seed_everything,
 )
+from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
+from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (
     checkpoint_history,
     find_checkpoint,
@@ -72,7 +72,7 @@ class DpoRun:
     pad_token_id: int
     total_steps: int
     row_tokens: int | None  # padding-free row capacity (logprobs.pack_row_tokens)
-    share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.attention)
+    share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.core.attention)
 
     @property
     def global_size(self) -> int:

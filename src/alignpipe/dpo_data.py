@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from alignpipe import schema
-from alignpipe.io import ArtifactError, read_parquet
-from alignpipe.logprobs import EncodedPair, read_pairs
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import ArtifactError, read_parquet
+from alignpipe.core.logprobs import EncodedPair, read_pairs
 
 # Length grouping: a window of this many global batches is sorted by length before it is cut.
 GROUP_WINDOW = 16

@@ -9,7 +9,7 @@ keyed by prompt id), and every answer is scored with the ``reward`` section's re
   (``spec.constraints[0].family``);
 - win rate of DPO over SFT, answer against answer for the same prompt and sample index, ties 1/2;
 - KL(dpo || sft), Monte-Carlo: the mean over DPO's own answers y of
-  ``log p_dpo(y|x) - log p_sft(y|x)``, both through :mod:`alignpipe.logprobs` (the path of
+  ``log p_dpo(y|x) - log p_sft(y|x)``, both through :mod:`alignpipe.core.logprobs` (the path of
   ``ref_logps`` and ``dpo``), with its standard error over prompts. The answers are drawn from
   the sampler (temperature, top-k/p), so this is exactly KL(dpo || sft) only at temperature 1
   without truncation; otherwise it is that expectation under the sampler.
@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
-from alignpipe import schema
-from alignpipe.chat import Encoded, Message, encode_completion
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import ArtifactError, read_parquet
 from alignpipe.cli import Timer
-from alignpipe.io import ArtifactError, read_parquet
-from alignpipe.logprobs import CompletionScorer, EncodedPair, load_reference, reference_logps
+from alignpipe.core.chat import Encoded, Message, encode_completion
+from alignpipe.core.logprobs import CompletionScorer, EncodedPair, load_reference, reference_logps
+from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
-from alignpipe.runtime import load_tokenizer, pick_device
 
 MODELS = ("base", "sft", "dpo")  # column order of the reports
 MARGIN_TIE = 1e-5  # |implicit-reward margin| below this is fp32 noise: a tie (see pairs_metrics)
@@ -173,7 +173,7 @@ def pairs_metrics(
     other batches (ref_logps packs, batch sizes differ) moves fp32 summed log-probs by ~1e-6, and a
     policy equal to its reference should score 0, not a coin flip.
     """
-    from alignpipe.losses import implicit_rewards
+    from alignpipe.core.losses import implicit_rewards
 
     if chosen.numel() == 0:
         return PairsResult(None, None, 0)

@@ -39,6 +39,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alignpipe.artifacts.io import ArtifactError, atomic_path, read_json, read_parquet, write_json
+from alignpipe.artifacts.schema import GENERATIONS, PROMPTS
 from alignpipe.cli import Timer
 from alignpipe.generation import (
     Backend,
@@ -48,9 +50,7 @@ from alignpipe.generation import (
     loaded_backend,
     resolve_backend,
 )
-from alignpipe.io import ArtifactError, atomic_path, read_json, read_parquet, write_json
 from alignpipe.params import GenerateParams
-from alignpipe.schema import GENERATIONS, PROMPTS
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -116,7 +116,7 @@ def fingerprint(
 ) -> str:
     """What decides the samples: model digest, rendered prompts, backend, device kind and dtype,
     sampling settings, chunking (``auto`` resolved, so a CPU and a GPU run never mix chunks)."""
-    from alignpipe.runtime import pick_device, resolve_dtype
+    from alignpipe.core.models import pick_device, resolve_dtype
 
     device = "cuda" if backend == "vllm" else pick_device().type
     settings = params.model_dump(exclude=NOT_FINGERPRINTED)

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignpipe import schema
-from alignpipe.io import atomic_path, read_parquet, write_json, write_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import atomic_path, read_parquet, write_json, write_parquet
 from alignpipe.params import PairsParams
 
 # Filter name -> the param that sets it (for the report and the empty-result error).

@@ -13,13 +13,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from alignpipe import schema
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import atomic_path, write_json, write_parquet
 from alignpipe.cli import Timer
 from alignpipe.data import builtin
 from alignpipe.data.errors import DataError
 from alignpipe.data.formats import convert
 from alignpipe.data.readers import is_builtin
-from alignpipe.io import atomic_path, write_json, write_parquet
 from alignpipe.params import DataParams, SourceParams
 
 BUILTIN = "builtin:verifiable-instructions"

@@ -1,8 +1,8 @@
 """The ``ref_logps`` stage: reference (SFT) log-probs of every train and eval pair, cached once.
 
 A sweep over ``dpo.beta`` or ``dpo.loss_type`` reuses them; ``dpo`` then holds no reference model.
-They go through the same path as the live reference of ``dpo`` (:func:`alignpipe.logprobs.load_reference`
-and :func:`~alignpipe.logprobs.pair_logps`), in length-sorted padding-free batches.
+They go through the same path as the live reference of ``dpo`` (:func:`alignpipe.core.logprobs.load_reference`
+and :func:`~alignpipe.core.logprobs.pair_logps`), in length-sorted padding-free batches.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alignpipe import schema
-from alignpipe.chat import require_chat_template
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import write_parquet
 from alignpipe.cli import Timer
-from alignpipe.io import write_parquet
-from alignpipe.logprobs import PairDataError, load_reference, read_pairs, reference_logps
+from alignpipe.core.chat import require_chat_template
+from alignpipe.core.logprobs import PairDataError, load_reference, read_pairs, reference_logps
+from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.params import RefLogpsParams
-from alignpipe.runtime import load_tokenizer, pick_device
 
 SPLITS = ("train", "eval")
 

@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignpipe.artifacts.io import atomic_path, write_json
 from alignpipe.data.builtin import FAMILIES
-from alignpipe.io import atomic_path, write_json
 
 if TYPE_CHECKING:
     from alignpipe.evaluate import Answer, EvalResult

@@ -16,10 +16,10 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from alignpipe import schema
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json, write_parquet
 from alignpipe.cli import Timer
 from alignpipe.generate import read_generations
-from alignpipe.io import ArtifactError, read_parquet, write_json, write_parquet
 from alignpipe.params import RewardParams
 from alignpipe.rewards import Reward, RewardResult, get_reward, score_completions
 

@@ -28,18 +28,18 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from alignpipe.chat import require_chat_template
+from alignpipe.artifacts.io import atomic_path, read_parquet, write_json
+from alignpipe.artifacts.schema import SFT
 from alignpipe.cli import Timer
-from alignpipe.io import atomic_path, read_parquet, write_json
-from alignpipe.params import SftParams
-from alignpipe.runtime import (
+from alignpipe.core.chat import require_chat_template
+from alignpipe.core.models import (
     check_model_folder,
     load_causal_lm,
     load_tokenizer,
     pick_device,
     seed_everything,
 )
-from alignpipe.schema import SFT
+from alignpipe.params import SftParams
 from alignpipe.sft_data import (
     LengthGroupedSampler,
     SftData,

@@ -1,7 +1,7 @@
 """What an SFT run reads: examples tokenized once, batched by length, collated padded or packed.
 
 Each row of ``sft.parquet`` becomes one :class:`SftExample` through
-:func:`alignpipe.chat.encode_completion` (prompt ids + completion ids ending with
+:func:`alignpipe.core.chat.encode_completion` (prompt ids + completion ids ending with
 exactly one EOS); its labels are -100 on the prompt, so the loss is on the
 assistant's tokens only. Tokenization happens here, once, never per step.
 
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from alignpipe.chat import ChatTemplateError, encode_completion
+from alignpipe.core.chat import ChatTemplateError, encode_completion
 
 IGNORE_INDEX = -100
 
@@ -75,7 +75,7 @@ def encode_rows(
     truncation: Literal["truncate", "drop"] = "truncate",
     where: str = "sft data",
 ) -> SftData:
-    """Tokenize SFT rows (schema ``alignpipe.schema.SFT``) into training examples.
+    """Tokenize SFT rows (schema ``alignpipe.artifacts.schema.SFT``) into training examples.
 
     A sequence longer than ``max_length`` is cut (prompt start first, then the
     completion end, see ``encode_completion``) or dropped; both are counted.

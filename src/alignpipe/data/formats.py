@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 Kind = Literal["sft", "prompts", "preferences"]
 ROLES = ("system", "user", "assistant")
-# The id column of each kind's artifact (alignpipe.schema) and its id prefix.
+# The id column of each kind's artifact (alignpipe.artifacts.schema) and its id prefix.
 ID_COLUMNS = {"sft": ("id", "sft"), "prompts": ("prompt_id", "prompt"), "preferences": ("pair_id", "pair")}
 _HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _MAX_LOGGED_DROPS = 5

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from alignpipe.chat import Message, encode_ids, render_prompt, require_chat_template
+from alignpipe.core.chat import Message, encode_ids, render_prompt, require_chat_template
 from alignpipe.params import SamplingParams
 
 BackendName = Literal["hf", "vllm"]
@@ -145,7 +145,7 @@ def loaded_backend(
 
 
 def load_chat_tokenizer(model_dir: str | os.PathLike) -> Any:
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))

@@ -184,7 +184,7 @@ class HFBackend:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, settings: SamplingParams, tokenizer: Any) -> HFBackend:
-        from alignpipe.runtime import load_causal_lm
+        from alignpipe.core.models import load_causal_lm
 
         return cls(load_causal_lm(model_dir, dtype=settings.dtype), tokenizer, settings)
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from alignpipe.chat import Message
+from alignpipe.core.chat import Message
 from alignpipe.params import RewardParams
 
 __all__ = [

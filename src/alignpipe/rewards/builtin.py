@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from alignpipe.chat import Message
+from alignpipe.core.chat import Message
 from alignpipe.rewards import RewardError, RewardResult
 
 

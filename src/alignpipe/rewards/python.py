@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from alignpipe.chat import Message
+from alignpipe.core.chat import Message
 from alignpipe.rewards import RewardError, RewardResult
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignpipe.io import write_json
+from alignpipe.artifacts.io import write_json
 from alignpipe.training.fingerprint import describe_change
 from alignpipe.training.metrics import Point
 

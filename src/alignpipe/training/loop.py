@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignpipe.io import atomic_path
+from alignpipe.artifacts.io import atomic_path
 from alignpipe.params import TrainParams
 
 

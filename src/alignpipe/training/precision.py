@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from alignpipe.core.models import pick_device, resolve_dtype
 from alignpipe.params import TrainParams
-from alignpipe.runtime import pick_device, resolve_dtype
 
 
 def compute_dtype(params: TrainParams, device: torch.device | str | None = None) -> torch.dtype:

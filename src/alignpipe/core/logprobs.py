@@ -1,7 +1,7 @@
 """The one tokenization and log-prob path shared by ``ref_logps``, ``dpo`` and ``evaluate``.
 
 A pair becomes two token sequences (prompt + chosen, prompt + rejected) through
-:func:`alignpipe.chat.encode_completion`: the prompt is masked, the completion ends
+:func:`alignpipe.core.chat.encode_completion`: the prompt is masked, the completion ends
 with exactly one EOS. A batch of B pairs goes through the model in one forward:
 sequences ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
 
@@ -15,7 +15,7 @@ sequences ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
   (one row of 1112 tokens took 1.1-1.9x the time of 15 binned rows of 99 tokens,
   135M model fwd+bwd on CPU).
 - Padded: 2B right-padded rows with an attention mask.
-- Shared prompt (``share_prompt=True``, models on sdpa, see :mod:`alignpipe.attention`): each pair
+- Shared prompt (``share_prompt=True``, models on sdpa, see :mod:`alignpipe.core.attention`): each pair
   is laid out once as ``[prompt][chosen tail][rejected tail]`` in one row, and the prompt goes
   through the model once for both sides (15-20% fewer tokens with prompts at 30% of a sequence).
 
@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from alignpipe import schema
-from alignpipe.attention import Segments, common_prefix, enable_shared_prompt
-from alignpipe.chat import ChatTemplateError, Encoded, encode_completion
-from alignpipe.io import read_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet
+from alignpipe.core.attention import Segments, common_prefix, enable_shared_prompt
+from alignpipe.core.chat import ChatTemplateError, Encoded, encode_completion
 
 # Logits held at once per chunk: 2**26 floats = 256 MiB in float32 (1365 tokens of a 49k vocabulary).
 LOGIT_BUDGET = 2**26
@@ -275,7 +275,7 @@ class CompletionScorer(nn.Module):
 
     Being a module, it is what ``accelerator.prepare`` wraps (DDP, FSDP, DeepSpeed), so the decoder
     and the chunked LM head run inside the wrapper's forward. A model on sdpa is switched to
-    :mod:`alignpipe.attention`'s implementation (sdpa itself unless a batch has shared-prompt segments).
+    :mod:`alignpipe.core.attention`'s implementation (sdpa itself unless a batch has shared-prompt segments).
     """
 
     def __init__(self, model: nn.Module, logit_budget: int = LOGIT_BUDGET) -> None:
@@ -381,7 +381,7 @@ def shares_prompt(scorer: nn.Module) -> bool:
 def load_reference(path: str | Path, dtype: str, device: torch.device) -> CompletionScorer:
     """A frozen scorer (eval mode, no grads) of the model at ``path`` in ``dtype``, as both the
     ``ref_logps`` stage and the live reference of ``dpo`` use it (no autocast: the weights' dtype)."""
-    from alignpipe.runtime import load_causal_lm
+    from alignpipe.core.models import load_causal_lm
 
     scorer = CompletionScorer(load_causal_lm(path, dtype=dtype, device=device)).eval()
     scorer.requires_grad_(False)
