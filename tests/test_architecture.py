@@ -141,7 +141,6 @@ def test_every_stage_has_its_library_module(name):
     assert stage_module(name) is not None, f"{name}: no src/alignpipe/{name}.py or src/alignpipe/{name}/"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 step 3: score reads generations through generate.py")
 def test_no_stage_module_imports_another_stage():
     crossings = []
     for path in library_files():

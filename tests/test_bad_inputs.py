@@ -28,12 +28,13 @@ from faults import file_size_limit, limit_file_size_in_child, stage_argv, temp_l
 from workspace import env, make_workspace, set_params
 
 from alignpipe.artifacts import schema
+from alignpipe.artifacts.generations import read_generations
 from alignpipe.artifacts.io import read_parquet, write_json, write_parquet
 from alignpipe.cli import DEBUG_ENV, _is_ours
 from alignpipe.core.logprobs import encode_pair, read_pairs
 from alignpipe.core.models import load_causal_lm, load_tokenizer
 from alignpipe.dpo import check_loss
-from alignpipe.generate import read_generations, run_generate
+from alignpipe.generate import run_generate
 from alignpipe.pairs import pairs
 from alignpipe.params import DataParams, RewardParams, load_section
 from alignpipe.prepare import prepare

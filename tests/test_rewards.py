@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 from alignpipe.artifacts import schema
+from alignpipe.artifacts.generations import MANIFEST, write_chunk
 from alignpipe.artifacts.io import read_json, read_parquet, write_json, write_parquet
 from alignpipe.core.models import ModelFolderError
-from alignpipe.generate import MANIFEST, write_chunk
 from alignpipe.params import RewardParams
 from alignpipe.rewards import RewardError, RewardResult, get_reward, score_completions
 from alignpipe.rewards.hf import HFReward, pooling_pad_id, truncate_keep_end
@@ -229,7 +229,7 @@ def gen(pid, idx, completion, finish="stop"):
 
 
 def write_generations(out_dir, chunks: list[list[dict]], n: int) -> None:
-    """A finished generate output: chunk files and the manifest that alignpipe.generate reads."""
+    """A finished generate output: chunk files and the manifest that alignpipe.artifacts.generations reads."""
     names = [f"chunk-{k:05d}.parquet" for k in range(len(chunks))]
     for name, rows in zip(names, chunks, strict=True):
         write_chunk(out_dir / name, rows, "fp")

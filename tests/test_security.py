@@ -23,11 +23,11 @@ import torch
 from faults import stage_argv
 from workspace import ROOT, env, make_workspace
 
+from alignpipe.artifacts.generations import FINGERPRINT_KEY, MANIFEST
 from alignpipe.artifacts.io import read_parquet
 from alignpipe.artifacts.schema import GENERATIONS
 from alignpipe.base_model import build_base_model, check_loadable
 from alignpipe.core.models import ModelFolderError, check_model_folder, load_causal_lm, load_tokenizer
-from alignpipe.generate import FINGERPRINT_KEY, MANIFEST
 from alignpipe.params import BaseModelParams, RewardParams
 from alignpipe.rewards import RewardError, get_reward
 from alignpipe.rewards.hf import load_reward_model

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignpipe.artifacts.io import atomic_path
-from alignpipe.cli import Timer
 from alignpipe.core.models import ModelFolderError, check_model_folder
+from alignpipe.core.progress import Timer
 from alignpipe.params import BaseModelParams
 
 CACHE_ENV = "ALIGNPIPE_CACHE"

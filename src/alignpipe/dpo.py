@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignpipe.cli import Timer
 from alignpipe.core import losses
 from alignpipe.core.chat import require_chat_template
 from alignpipe.core.logprobs import (
@@ -38,6 +37,7 @@ from alignpipe.core.models import (
     load_tokenizer,
     seed_everything,
 )
+from alignpipe.core.progress import Timer
 from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
 from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (

@@ -37,10 +37,10 @@ import torch
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import ArtifactError, read_parquet
-from alignpipe.cli import Timer
 from alignpipe.core.chat import Encoded, Message, encode_completion
 from alignpipe.core.logprobs import CompletionScorer, EncodedPair, load_reference, reference_logps
 from alignpipe.core.models import load_tokenizer, pick_device
+from alignpipe.core.progress import Timer
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 
 MODELS = ("base", "sft", "dpo")  # column order of the reports

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import atomic_path, write_json, write_parquet
-from alignpipe.cli import Timer
+from alignpipe.core.progress import Timer
 from alignpipe.data import builtin
 from alignpipe.data.errors import DataError
 from alignpipe.data.formats import convert

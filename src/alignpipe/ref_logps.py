@@ -12,10 +12,10 @@ from typing import Any
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import write_parquet
-from alignpipe.cli import Timer
 from alignpipe.core.chat import require_chat_template
 from alignpipe.core.logprobs import PairDataError, load_reference, read_pairs, reference_logps
 from alignpipe.core.models import load_tokenizer, pick_device
+from alignpipe.core.progress import Timer
 from alignpipe.params import RefLogpsParams
 
 SPLITS = ("train", "eval")

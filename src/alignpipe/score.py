@@ -1,6 +1,6 @@
 """The ``score`` stage: a reward for every generated completion.
 
-Reads ``data/generations/`` (through ``alignpipe.generate.read_generations``, which refuses an
+Reads ``data/generations/`` (through ``alignpipe.artifacts.generations.read_generations``, which refuses an
 unfinished run) and the prompts they answer, scores each completion with the configured
 reward (``alignpipe.rewards``) and writes
 ``data/scored.parquet`` (schema SCORED: every generation column + ``reward`` +
@@ -17,9 +17,9 @@ from collections import Counter
 from typing import Any
 
 from alignpipe.artifacts import schema
+from alignpipe.artifacts.generations import read_generations
 from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json, write_parquet
-from alignpipe.cli import Timer
-from alignpipe.generate import read_generations
+from alignpipe.core.progress import Timer
 from alignpipe.params import RewardParams
 from alignpipe.rewards import Reward, RewardResult, get_reward, score_completions
 

@@ -30,7 +30,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from alignpipe.artifacts.io import atomic_path, read_parquet, write_json
 from alignpipe.artifacts.schema import SFT
-from alignpipe.cli import Timer
 from alignpipe.core.chat import require_chat_template
 from alignpipe.core.models import (
     check_model_folder,
@@ -39,6 +38,7 @@ from alignpipe.core.models import (
     pick_device,
     seed_everything,
 )
+from alignpipe.core.progress import Timer
 from alignpipe.params import SftParams
 from alignpipe.sft_data import (
     LengthGroupedSampler,
