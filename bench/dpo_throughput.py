@@ -48,8 +48,8 @@ import torch
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import write_parquet
+from alignpipe.artifacts.pairs import EncodedPair, read_pairs
 from alignpipe.core.chat import encode_completion, encode_ids, render_prompt
-from alignpipe.core.logprobs import EncodedPair, read_pairs
 from alignpipe.params import DpoParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +236,7 @@ class StepLosses:
 def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Reference pass (timed) then the DPO loop (timed); the reference model is freed in between."""
     import alignpipe.dpo as dpo
-    from alignpipe.core.logprobs import load_reference, reference_logps
+    from alignpipe.core.logprobs import load_reference, pair_scores
     from alignpipe.core.models import load_tokenizer
 
     s, device = settings, torch.device(settings["device"])
@@ -254,12 +254,10 @@ def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
             stack.enter_context(mock.patch.object(module, name, value))
         reference = load_reference(s["model_dir"], params.dtype, device)
         start = time.perf_counter()
-        rows = reference_logps(
-            reference, pairs, params.batch_size, tokenizer.pad_token_id, params.padding_free
-        )
+        scores = pair_scores(reference, pairs, params.batch_size, tokenizer.pad_token_id, params.padding_free)
         ref_seconds = sync_time(device) - start
         del reference
-        write_parquet(rows, workdir / "ref_logps.parquet", schema.REF_LOGPS)
+        scores.write(workdir / "ref_logps.parquet")
         run, _ = dpo.build_run(Path(s["model_dir"]), workdir / "pairs", workdir / "ref_logps.parquet", params)
         losses = StepLosses()
         start = time.perf_counter()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alignpipe.artifacts.pairs import EncodedPair, encode_pairs
 from alignpipe.core.attention import NAME, _tail_mask, enable_shared_prompt
 from alignpipe.core.chat import Encoded
-from alignpipe.core.logprobs import CompletionScorer, EncodedPair, collate_pairs, encode_pairs, pair_logps
+from alignpipe.core.logprobs import CompletionScorer, collate_pairs, pair_logps
 from alignpipe.core.models import enable_activation_checkpointing
 from alignpipe.testing import tiny_model
 

@@ -30,8 +30,8 @@ from workspace import env, make_workspace, set_params
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.generations import read_generations
 from alignpipe.artifacts.io import read_parquet, write_json, write_parquet
+from alignpipe.artifacts.pairs import encode_pair, read_pairs
 from alignpipe.cli import DEBUG_ENV, _is_ours
-from alignpipe.core.logprobs import encode_pair, read_pairs
 from alignpipe.core.models import load_causal_lm, load_tokenizer
 from alignpipe.dpo import check_loss
 from alignpipe.generate import run_generate

@@ -16,8 +16,9 @@ import yaml
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.artifacts.pairs import encode_pairs
 from alignpipe.core.chat import encode_completion
-from alignpipe.core.logprobs import encode_pairs, load_reference, reference_logps
+from alignpipe.core.logprobs import load_reference, pair_scores
 from alignpipe.data.builtin import make_items
 from alignpipe.evaluate import (
     Answer,
@@ -195,9 +196,7 @@ def eval_data(tmp_path_factory, two_models):
     tok = load_tokenizer(two_models[0])
     encoded = encode_pairs(tok, pairs, DPO.max_length, DPO.max_prompt_length, "t")
     scorer = load_reference(two_models[0], "float32", torch.device("cpu"))
-    write_parquet(
-        reference_logps(scorer, encoded, 4, tok.pad_token_id), root / "ref_logps.parquet", schema.REF_LOGPS
-    )
+    pair_scores(scorer, encoded, 4, tok.pad_token_id).write(root / "ref_logps.parquet")
     return root
 
 

@@ -37,8 +37,10 @@ import torch
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import ArtifactError, read_parquet
+from alignpipe.artifacts.pairs import EncodedPair, read_pairs
+from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.chat import Encoded, Message, encode_completion
-from alignpipe.core.logprobs import CompletionScorer, EncodedPair, load_reference, reference_logps
+from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_scores
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
@@ -208,12 +210,11 @@ def encode_answers(
 
 def score_pairs(
     scorer: CompletionScorer, pairs: Sequence[EncodedPair], batch_size: int, pad_token_id: int, desc: str
-) -> tuple[list[float], list[float]]:
+) -> PairScores:
     """Summed completion log-probs of each pair's two sides, in ``pairs`` order, through the
     ``ref_logps`` path (shared-prompt rows, no padding), so eval-pair margins use the reference's
     layout. On CPU it took 8.9 s where padded batches took 14.9 s (96 answers of SmolLM2-135M)."""
-    rows = reference_logps(scorer, pairs, batch_size, pad_token_id, progress=True, desc=desc)
-    return [r["ref_chosen_logps"] for r in rows], [r["ref_rejected_logps"] for r in rows]
+    return pair_scores(scorer, pairs, batch_size, pad_token_id, progress=True, desc=desc)
 
 
 def sequence_logps(
@@ -221,8 +222,8 @@ def sequence_logps(
 ) -> list[float]:
     """Summed completion log-prob of each sequence: two sequences ride in one pair of the pair path."""
     pairs = [EncodedPair(str(k), seqs[k], seqs[min(k + 1, len(seqs) - 1)]) for k in range(0, len(seqs), 2)]
-    first, second = score_pairs(scorer, pairs, batch_size, pad_token_id, desc)
-    out = [v for pair in zip(first, second, strict=True) for v in pair]
+    scores = score_pairs(scorer, pairs, batch_size, pad_token_id, desc)
+    out = [v for pair in zip(scores.chosen.tolist(), scores.rejected.tolist(), strict=True) for v in pair]
     return out[: len(seqs)]
 
 
@@ -310,8 +311,6 @@ def policy_logps(
     dpo: DpoParams,
 ) -> tuple[Estimate, PairsResult]:
     """KL(dpo || sft) on DPO's answers, and the DPO implicit-reward accuracy on the eval pairs."""
-    from alignpipe.dpo_data import join_ref_logps, read_pairs
-
     by_id = {p.prompt_id: p.prompt for p in prompts}
     answer_prompts = [by_id[a.prompt_id] for a in dpo_answers]
     timer = Timer("evaluate: log-probs")
@@ -320,18 +319,14 @@ def policy_logps(
         seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
         logps["dpo"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps dpo")
         pairs = read_pairs(Path(pairs_path), tokenizer, dpo.max_length, dpo.max_prompt_length)
-        ref_rows = {r["pair_id"]: r for r in read_parquet(ref_logps_path, schema.REF_LOGPS)}
-        joined = join_ref_logps(pairs, ref_rows, where=str(ref_logps_path))
-        chosen, rejected = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
+        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
+        policy = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
     del scorer  # one model in memory at a time
     with loaded_scorer(sft_dir, params.dtype) as (tokenizer, scorer):
         seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
         logps["sft"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps sft")
     kl = kl_estimate(logps["dpo"], logps["sft"], [a.prompt_id for a in dpo_answers])
-    pairs_result = pairs_metrics(
-        torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64),
-        joined.ref_chosen.double(), joined.ref_rejected.double(), dpo.beta,
-    )  # fmt: skip
+    pairs_result = pairs_metrics(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta)
     timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
     return kl, pairs_result
 

@@ -2,7 +2,7 @@
 
 A sweep over ``dpo.beta`` or ``dpo.loss_type`` reuses them; ``dpo`` then holds no reference model.
 They go through the same path as the live reference of ``dpo`` (:func:`alignpipe.core.logprobs.load_reference`
-and :func:`~alignpipe.core.logprobs.pair_logps`), in length-sorted padding-free batches.
+and :func:`~alignpipe.core.logprobs.pair_scores`), in length-sorted padding-free batches.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import write_parquet
+from alignpipe.artifacts.pairs import PairDataError, read_pairs
 from alignpipe.core.chat import require_chat_template
-from alignpipe.core.logprobs import PairDataError, load_reference, read_pairs, reference_logps
+from alignpipe.core.logprobs import load_reference, pair_scores
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.params import RefLogpsParams
@@ -43,10 +42,10 @@ def run_ref_logps(
         raise PairDataError(f"{pairs_dir}: pair_id {dup!r} is in both train and eval")
     scorer = load_reference(model_dir, params.dtype, pick_device())
     timer = Timer("ref_logps")
-    rows = reference_logps(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
+    scores = pair_scores(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
     n_tokens = sum(p.n_tokens for p in pairs)
     timer.summary(
         len(pairs), "pairs", tokens=n_tokens, tokens_per_s=round(n_tokens / max(timer.seconds, 1e-9))
     )
-    write_parquet(rows, out, schema.REF_LOGPS)
+    scores.write(out)
     return {"pairs": len(pairs), "tokens": n_tokens, "seconds": round(timer.seconds, 2)}

@@ -27,7 +27,7 @@ minus the logsumexp of its row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,72 +36,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import read_parquet
+from alignpipe.artifacts.pairs import EncodedPair
+from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.attention import Segments, common_prefix, enable_shared_prompt
-from alignpipe.core.chat import ChatTemplateError, Encoded, encode_completion
 
 # Logits held at once per chunk: 2**26 floats = 256 MiB in float32 (1365 tokens of a 49k vocabulary).
 LOGIT_BUDGET = 2**26
-
-
-class PairDataError(ValueError):
-    """A pair cannot be encoded; the message names the file, the pair and the field."""
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    """One pair as token ids: the same prompt with the chosen and with the rejected completion."""
-
-    pair_id: str
-    chosen: Encoded
-    rejected: Encoded
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
-
-
-def _check_completion(value: Any, field: str, where: str) -> None:
-    if not (isinstance(value, Sequence) and len(value) == 1 and value[0].get("role") == "assistant"):
-        raise PairDataError(f"{where}: field '{field}': expected exactly one assistant message")
-
-
-def encode_pair(
-    tokenizer: Any, row: Mapping[str, Any], max_length: int, max_prompt_length: int, where: str = "pairs"
-) -> EncodedPair:
-    """Encode one row of ``schema.PAIRS`` (prompt messages, one assistant message each side)."""
-    pair_id = str(row["pair_id"])
-    where = f"{where}: pair {pair_id}"
-    _check_completion(row["chosen"], "chosen", where)
-    _check_completion(row["rejected"], "rejected", where)
-    try:
-        chosen, rejected = (
-            encode_completion(tokenizer, row["prompt"], row[side], max_length, max_prompt_length)
-            for side in ("chosen", "rejected")
-        )
-    except ChatTemplateError as exc:
-        raise PairDataError(f"{where}: {exc}") from None
-    if not chosen.prompt_ids:
-        raise PairDataError(f"{where}: field 'prompt': renders to no tokens (nothing predicts the answer)")
-    return EncodedPair(pair_id, chosen, rejected)
-
-
-def encode_pairs(
-    tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int, max_prompt_length: int, where: str
-) -> list[EncodedPair]:
-    return [encode_pair(tokenizer, row, max_length, max_prompt_length, where) for row in rows]
-
-
-def read_pairs(path: Path, tokenizer: Any, max_length: int, max_prompt_length: int) -> list[EncodedPair]:
-    """Read and encode ``data/pairs/<split>.parquet``; pair ids must be unique."""
-    rows = read_parquet(path, schema.PAIRS)
-    seen: set[str] = set()
-    for i, row in enumerate(rows):
-        if row["pair_id"] in seen:
-            raise PairDataError(f"{path}: row {i}: field 'pair_id': duplicate id {row['pair_id']!r}")
-        seen.add(row["pair_id"])
-    return encode_pairs(tokenizer, rows, max_length, max_prompt_length, where=str(path))
 
 
 @dataclass(frozen=True)
@@ -396,7 +336,7 @@ def length_sorted_batches(pairs: Sequence[EncodedPair], batch_size: int) -> Iter
 
 
 @torch.inference_mode()
-def reference_logps(
+def pair_scores(
     scorer: CompletionScorer,
     pairs: Sequence[EncodedPair],
     batch_size: int,
@@ -404,33 +344,25 @@ def reference_logps(
     padding_free: bool = True,
     progress: bool = False,
     desc: str = "ref_logps",
-) -> list[dict[str, Any]]:
-    """Rows of ``schema.REF_LOGPS`` for ``pairs`` (in their order) under a frozen scorer in eval mode."""
+) -> PairScores:
+    """Summed completion log-probs of ``pairs`` (in their order) under a frozen scorer in eval mode."""
     from tqdm.auto import tqdm
 
     device = next(scorer.parameters()).device
     row_tokens, share = pack_row_tokens(scorer), shares_prompt(scorer)
-    rows: dict[str, dict[str, Any]] = {}
+    found: dict[str, tuple[float, float, int, int]] = {}
     with tqdm(total=len(pairs), unit="pair", desc=desc, disable=not progress) as bar:
         for index in length_sorted_batches(pairs, batch_size):
             chunk = [pairs[i] for i in index]
             batch = collate_pairs(chunk, padding_free, pad_token_id, row_tokens, share).to(device)
             out = pair_logps(scorer, batch)
             values = zip(
-                batch.pair_ids,
                 out.chosen_logps.tolist(),
                 out.rejected_logps.tolist(),
                 out.chosen_tokens.tolist(),
                 out.rejected_tokens.tolist(),
                 strict=True,
             )
-            for pair_id, chosen, rejected, n_chosen, n_rejected in values:
-                rows[pair_id] = {
-                    "pair_id": pair_id,
-                    "ref_chosen_logps": chosen,
-                    "ref_rejected_logps": rejected,
-                    "chosen_tokens": n_chosen,
-                    "rejected_tokens": n_rejected,
-                }
+            found.update(zip(batch.pair_ids, values, strict=True))
             bar.update(len(index))
-    return [rows[p.pair_id] for p in pairs]
+    return PairScores.from_rows([p.pair_id for p in pairs], [found[p.pair_id] for p in pairs])
