@@ -24,7 +24,7 @@ import torch
 
 from alignpipe.core.models import load_causal_lm, resolve_dtype
 from alignpipe.data.builtin import make_items
-from alignpipe.generation import build_requests, load_chat_tokenizer, vllm_importable
+from alignpipe.generation.base import build_requests, load_chat_tokenizer, vllm_importable
 from alignpipe.generation.hf import HFBackend
 from alignpipe.params import SamplingParams
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from alignpipe.cli import stage_main
-from alignpipe.evaluate import run_evaluate
+from alignpipe.evaluate.stage import run_evaluate
 from alignpipe.params import load_section
 
 

@@ -20,7 +20,15 @@ from alignpipe.artifacts.pairs import encode_pairs
 from alignpipe.core.chat import encode_completion
 from alignpipe.core.logprobs import load_reference, pair_scores
 from alignpipe.data.builtin import make_items
-from alignpipe.evaluate import (
+from alignpipe.evaluate.report import (
+    eval_metrics,
+    md_cell,
+    model_summary,
+    pass_rates,
+    reward_histogram,
+    write_reports,
+)
+from alignpipe.evaluate.stage import (
     Answer,
     Estimate,
     EvalPrompt,
@@ -37,7 +45,6 @@ from alignpipe.evaluate import (
     win_rate,
 )
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
-from alignpipe.report import eval_metrics, md_cell, model_summary, pass_rates, reward_histogram, write_reports
 from alignpipe.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +297,7 @@ def test_eval_md_has_the_table_plots_and_examples(tmp_path):
 
 
 def test_training_curves_read_dvclive_files(tmp_path):
-    from alignpipe.report import read_curve
+    from alignpipe.evaluate.report import read_curve
 
     tsv = tmp_path / "train" / "loss.tsv"
     tsv.parent.mkdir()

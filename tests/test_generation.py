@@ -11,10 +11,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import alignpipe.generation as gen
+import alignpipe.generation.base as gen
 from alignpipe.core.chat import encode_ids
-from alignpipe.generation import GenerationError, PromptRequest, build_requests, derive_seed, resolve_backend
 from alignpipe.generation import vllm as gvllm
+from alignpipe.generation.base import (
+    GenerationError,
+    PromptRequest,
+    build_requests,
+    derive_seed,
+    resolve_backend,
+)
 from alignpipe.generation.hf import (
     HFBackend,
     filter_logits,

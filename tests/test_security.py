@@ -29,7 +29,7 @@ from alignpipe.artifacts.schema import GENERATIONS
 from alignpipe.base_model import build_base_model, check_loadable
 from alignpipe.core.models import ModelFolderError, check_model_folder, load_causal_lm, load_tokenizer
 from alignpipe.params import BaseModelParams, RewardParams
-from alignpipe.rewards import RewardError, get_reward
+from alignpipe.rewards.base import RewardError, get_reward
 from alignpipe.rewards.hf import load_reward_model
 from alignpipe.rewards.python import load_function
 

@@ -44,7 +44,7 @@ from alignpipe.artifacts.generations import (
 from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json
 from alignpipe.artifacts.schema import PROMPTS
 from alignpipe.core.progress import Timer
-from alignpipe.generation import (
+from alignpipe.generation.base import (
     Backend,
     PromptRequest,
     build_requests,

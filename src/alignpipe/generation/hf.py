@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from alignpipe.generation import PromptRequest, Sample
+from alignpipe.generation.base import PromptRequest, Sample
 from alignpipe.params import SamplingParams
 
 STOP_CHECK_EVERY = 8  # steps between stop-string checks (they decode every live row)

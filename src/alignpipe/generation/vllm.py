@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignpipe.core.models import resolve_dtype
-from alignpipe.generation import GenerationError, PromptRequest, Sample
+from alignpipe.generation.base import GenerationError, PromptRequest, Sample
 from alignpipe.params import SamplingParams
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's "abort" (or anything else) is an error

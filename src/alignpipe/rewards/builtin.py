@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignpipe.core.chat import Message
-from alignpipe.rewards import RewardError, RewardResult
+from alignpipe.rewards.base import RewardError, RewardResult
 
 
 class BuiltinReward:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from alignpipe.core.chat import Message, encode_ids
 from alignpipe.core.models import check_model_folder, load_tokenizer, pick_device, resolve_dtype
-from alignpipe.rewards import RewardError, RewardResult
+from alignpipe.rewards.base import RewardError, RewardResult
 
 
 class HFReward:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from alignpipe.core.chat import Message
-from alignpipe.rewards import RewardError, RewardResult
+from alignpipe.rewards.base import RewardError, RewardResult
 
 
 class PythonReward:

@@ -28,7 +28,7 @@ from alignpipe.artifacts.io import atomic_path, write_json
 from alignpipe.data.builtin import FAMILIES
 
 if TYPE_CHECKING:
-    from alignpipe.evaluate import Answer, EvalResult
+    from alignpipe.evaluate.stage import Answer, EvalResult
 
 TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 COLORS = {"base": "#9e9e9e", "sft": "#4c78a8", "dpo": "#f58518"}  # the vega-lite palette of dvc plots

@@ -18,7 +18,7 @@ On the eval pairs (``data/pairs/eval.parquet``): the DPO implicit-reward accurac
 pairs with ``beta [(log p_dpo(c) - ref(c)) - (log p_dpo(r) - ref(r))] > 0``, and the mean of that
 margin, against the cached reference log-probs (``data/ref_logps.parquet``).
 
-:mod:`alignpipe.report` writes ``eval.json``, ``eval.md`` and the plots.
+:mod:`alignpipe.evaluate.report` writes ``eval.json``, ``eval.md`` and the plots.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def generate_answers(
     """``params.n`` answers per prompt; seeds are keyed by prompt id, so every model draws the same numbers."""
     from tqdm.auto import tqdm
 
-    from alignpipe.generation import sample
+    from alignpipe.generation.base import sample
 
     timer = Timer(f"evaluate: generate {label}")
     with tqdm(total=len(prompts), unit="prompt", desc=f"generate {label}") as bar:
@@ -276,7 +276,7 @@ def score_answers(
     """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward."""
     from dataclasses import replace
 
-    from alignpipe.rewards import get_reward, score_completions
+    from alignpipe.rewards.base import get_reward, score_completions
 
     by_id = {p.prompt_id: p for p in prompts}
     flat = [(model, a) for model, rows in answers.items() for a in rows]
@@ -347,8 +347,8 @@ def run_evaluate(
     Writes ``out_dir/eval.json``, ``out_dir/eval.md`` and ``out_dir/eval/`` (plot data and PNGs);
     ``curves`` maps "sft"/"dpo" to the training stages' DVCLive plot folders. Returns eval.json.
     """
-    from alignpipe.generation import resolve_backend
-    from alignpipe.report import eval_metrics, write_reports
+    from alignpipe.evaluate.report import eval_metrics, write_reports
+    from alignpipe.generation.base import resolve_backend
 
     total = Timer("evaluate")
     prompts = load_eval_prompts(prompts_path, params.max_prompts)
