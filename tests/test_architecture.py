@@ -248,7 +248,6 @@ def import_cycles(src: Path = SRC) -> list[list[str]]:
     return cycles
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 step 4: generation/ and rewards/ __init__ cycles")
 def test_no_import_cycles():
     cycles = import_cycles()
     assert not cycles, (

@@ -39,8 +39,8 @@ from alignpipe.pairs import pairs
 from alignpipe.params import DataParams, RewardParams, load_section
 from alignpipe.prepare import prepare
 from alignpipe.ref_logps import run_ref_logps
-from alignpipe.rewards.base import get_reward
 from alignpipe.rewards.hf import load_reward_model
+from alignpipe.rewards.load import get_reward
 from alignpipe.score import score, score_rows
 from alignpipe.sft_data import encode_rows
 from alignpipe.testing import tiny_config, tiny_tokenizer
@@ -366,7 +366,7 @@ def tokenizer_without_pad_or_eos(c: Ctx) -> Case:
 
 @case
 def tokenizer_without_chat_template(c: Ctx) -> Case:
-    from alignpipe.generation.base import load_chat_tokenizer
+    from alignpipe.generation.load import load_chat_tokenizer
 
     folder = c.model()
     config = json.loads((folder / "tokenizer_config.json").read_text())

@@ -15,8 +15,9 @@ from alignpipe.artifacts.generations import MANIFEST, write_chunk
 from alignpipe.artifacts.io import read_json, read_parquet, write_json, write_parquet
 from alignpipe.core.models import ModelFolderError
 from alignpipe.params import RewardParams
-from alignpipe.rewards.base import RewardError, RewardResult, get_reward, score_completions
+from alignpipe.rewards.base import RewardError, RewardResult, score_completions
 from alignpipe.rewards.hf import HFReward, pooling_pad_id, truncate_keep_end
+from alignpipe.rewards.load import get_reward
 from alignpipe.score import score, score_metrics
 from alignpipe.testing import tiny_config, tiny_tokenizer
 

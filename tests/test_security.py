@@ -29,8 +29,9 @@ from alignpipe.artifacts.schema import GENERATIONS
 from alignpipe.base_model import build_base_model, check_loadable
 from alignpipe.core.models import ModelFolderError, check_model_folder, load_causal_lm, load_tokenizer
 from alignpipe.params import BaseModelParams, RewardParams
-from alignpipe.rewards.base import RewardError, get_reward
+from alignpipe.rewards.base import RewardError
 from alignpipe.rewards.hf import load_reward_model
+from alignpipe.rewards.load import get_reward
 from alignpipe.rewards.python import load_function
 
 EVIL = """\

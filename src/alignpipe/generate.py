@@ -44,14 +44,8 @@ from alignpipe.artifacts.generations import (
 from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json
 from alignpipe.artifacts.schema import PROMPTS
 from alignpipe.core.progress import Timer
-from alignpipe.generation.base import (
-    Backend,
-    PromptRequest,
-    build_requests,
-    load_chat_tokenizer,
-    loaded_backend,
-    resolve_backend,
-)
+from alignpipe.generation.base import Backend, PromptRequest, build_requests, resolve_backend
+from alignpipe.generation.load import load_chat_tokenizer, loaded_backend
 from alignpipe.params import GenerateParams
 
 # Settings that change speed or memory but not the samples: changing them keeps finished chunks.

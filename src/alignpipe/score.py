@@ -21,7 +21,8 @@ from alignpipe.artifacts.generations import read_generations
 from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json, write_parquet
 from alignpipe.core.progress import Timer
 from alignpipe.params import RewardParams
-from alignpipe.rewards.base import Reward, RewardResult, get_reward, score_completions
+from alignpipe.rewards.base import Reward, RewardResult, score_completions
+from alignpipe.rewards.load import get_reward
 
 
 def score_rows(

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from alignpipe.artifacts.pairs import EncodedPair
 from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.attention import Segments, common_prefix, enable_shared_prompt
+from alignpipe.core.chat import Encoded
 
 # Logits held at once per chunk: 2**26 floats = 256 MiB in float32 (1365 tokens of a 49k vocabulary).
 LOGIT_BUDGET = 2**26
@@ -110,6 +111,15 @@ def collate_pairs(
     if padding_free and share_prompt:
         return _collate_shared(pairs)
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    input_ids, position_ids, attention_mask, where = _layout(seqs, padding_free, pad_token_id, row_tokens)
+    return _pair_batch(pairs, where, input_ids, position_ids, attention_mask)
+
+
+def _layout(
+    seqs: Sequence[Encoded], padding_free: bool, pad_token_id: int, row_tokens: int | None
+) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
+    """``seqs`` laid out in padded rows or padding-free rows: (input_ids, position_ids, attention_mask,
+    the flat index of every token of each sequence)."""
     n_rows, row_len, starts = _row_starts([len(s.input_ids) for s in seqs], padding_free, row_tokens)
     input_ids = torch.full((n_rows, row_len), pad_token_id, dtype=torch.long)
     # a row's unused tail keeps arbitrary positions: it is never scored and, being last, never attended to
@@ -124,7 +134,7 @@ def collate_pairs(
         if attention_mask is not None:
             attention_mask[i, :n] = 1
         where.append(torch.arange(start, start + n))
-    return _pair_batch(pairs, where, input_ids, position_ids, attention_mask)
+    return input_ids, position_ids, attention_mask, where
 
 
 def _collate_shared(pairs: Sequence[EncodedPair]) -> PairBatch:
@@ -156,25 +166,31 @@ def _pair_batch(
     """The :class:`PairBatch` of ``pairs`` laid out in ``input_ids``; ``where[i]`` holds the flat
     index of every token of sequence i (chosen sides first, then rejected)."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    predict, targets, seq_index = [], [], []
-    for i, (seq, at) in enumerate(zip(seqs, where, strict=True)):
-        p, c = len(seq.prompt_ids), len(seq.completion_ids)
-        # the token at t - 1 predicts token t: completion tokens p..p+c-1 from positions p-1..p+c-2
-        predict.append(at[p - 1 : p + c - 1])
-        targets.append(torch.tensor(seq.completion_ids))
-        seq_index.append(torch.full((c,), i))
+    predict, targets, seq_index = _scored_positions(seqs, where)
     return PairBatch(
         pair_ids=[p.pair_id for p in pairs],
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=attention_mask,
-        predict_index=torch.cat(predict),
-        target_ids=torch.cat(targets),
-        sequence_index=torch.cat(seq_index),
+        predict_index=predict,
+        target_ids=targets,
+        sequence_index=seq_index,
         completion_tokens=torch.tensor([len(s.completion_ids) for s in seqs]),
         n_tokens=sum(len(s.input_ids) for s in seqs),
         segments=segments,
     )
+
+
+def _scored_positions(seqs: Sequence[Encoded], where: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(predict_index, target_ids, sequence_index) of the completion tokens of ``seqs``."""
+    predict, targets, seq_index = [], [], []
+    for i, (seq, at) in enumerate(zip(seqs, where, strict=True)):
+        p, c = len(seq.prompt_ids), len(seq.completion_ids)
+        # the token at t - 1 predicts token t: completion tokens p..p+c-1 from positions p-1..p+c-2
+        predict.append(at[p - 1 : p + c - 1])
+        targets.append(torch.tensor(seq.completion_ids, dtype=torch.long))
+        seq_index.append(torch.full((c,), i))
+    return torch.cat(predict), torch.cat(targets), torch.cat(seq_index)
 
 
 @dataclass(frozen=True)
@@ -366,3 +382,35 @@ def pair_scores(
             found.update(zip(batch.pair_ids, values, strict=True))
             bar.update(len(index))
     return PairScores.from_rows([p.pair_id for p in pairs], [found[p.pair_id] for p in pairs])
+
+
+@torch.inference_mode()
+def sequence_logps(
+    scorer: CompletionScorer,
+    seqs: Sequence[Encoded],
+    batch_size: int,
+    pad_token_id: int,
+    progress: bool = False,
+    desc: str = "logps",
+) -> Tensor:
+    """Summed completion log-prob (float64, (S,)) of each sequence, in ``seqs`` order, under a frozen
+    scorer: length-sorted padding-free batches, rows as :func:`pack_row_tokens` gives them."""
+    from tqdm.auto import tqdm
+
+    device = next(scorer.parameters()).device
+    row_tokens = pack_row_tokens(scorer)
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))
+    with tqdm(total=len(seqs), unit="seq", desc=desc, disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            chunk = [seqs[i] for i in index]
+            input_ids, position_ids, _, where = _layout(chunk, True, pad_token_id, row_tokens)
+            predict, targets, seq_index = _scored_positions(chunk, where)
+            token_logps, _ = scorer(
+                input_ids.to(device), position_ids.to(device), None, predict.to(device), targets.to(device)
+            )
+            sums = torch.zeros(len(chunk), dtype=token_logps.dtype, device=device)
+            out[index] = sums.index_add(0, seq_index.to(device), token_logps).double().cpu()
+            bar.update(len(index))
+    return out

@@ -24,12 +24,10 @@ margin, against the cached reference log-probs (``data/ref_logps.parquet``).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,97 +38,14 @@ from alignpipe.artifacts.io import ArtifactError, read_parquet
 from alignpipe.artifacts.pairs import EncodedPair, read_pairs
 from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.chat import Encoded, Message, encode_completion
-from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_scores
+from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_scores, sequence_logps
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
+from alignpipe.data import builtin as task
+from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult, WinRate
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 
-MODELS = ("base", "sft", "dpo")  # column order of the reports
 MARGIN_TIE = 1e-5  # |implicit-reward margin| below this is fp32 noise: a tie (see pairs_metrics)
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    prompt_id: str
-    prompt: list[Message]
-    meta: str | None
-    family: str | None  # primary family of a built-in prompt, else None
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One sampled answer of one model, with its reward (``passed``: None unless the reward is built-in)."""
-
-    prompt_id: str
-    sample_idx: int
-    completion: str
-    n_tokens: int
-    finish_reason: str
-    reward: float = math.nan
-    passed: bool | None = None
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.prompt_id, self.sample_idx
-
-
-@dataclass(frozen=True)
-class WinRate:
-    wins: int
-    ties: int
-    losses: int
-
-    @property
-    def n(self) -> int:
-        return self.wins + self.ties + self.losses
-
-    @property
-    def rate(self) -> float | None:
-        return (self.wins + 0.5 * self.ties) / self.n if self.n else None
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A mean with its standard error (None with fewer than 2 groups) over ``n`` values."""
-
-    mean: float | None
-    stderr: float | None
-    n: int
-
-
-@dataclass(frozen=True)
-class PairsResult:
-    accuracy: float | None
-    margin_mean: float | None
-    n: int
-
-
-@dataclass
-class EvalResult:
-    """Everything the reports are made of."""
-
-    params: EvaluateParams
-    reward_name: str
-    builtin: bool
-    backend: str
-    prompts: list[EvalPrompt]
-    answers: dict[str, list[Answer]]  # model -> answers in (prompt, sample_idx) order
-    win: WinRate
-    kl: Estimate
-    pairs: PairsResult
-    beta: float  # dpo.beta, the scale of the implicit rewards
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def primary_family(meta: str | None) -> str | None:
-    """``spec.constraints[0].family`` of a built-in prompt's meta JSON; None for other prompts."""
-    if not meta:
-        return None
-    try:
-        spec = json.loads(meta)
-        return str(spec["constraints"][0]["family"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 def win_rate(challenger: Sequence[Answer], incumbent: Sequence[Answer]) -> WinRate:
@@ -217,16 +132,6 @@ def score_pairs(
     return pair_scores(scorer, pairs, batch_size, pad_token_id, progress=True, desc=desc)
 
 
-def sequence_logps(
-    scorer: CompletionScorer, seqs: Sequence[Encoded], batch_size: int, pad_token_id: int, desc: str
-) -> list[float]:
-    """Summed completion log-prob of each sequence: two sequences ride in one pair of the pair path."""
-    pairs = [EncodedPair(str(k), seqs[k], seqs[min(k + 1, len(seqs) - 1)]) for k in range(0, len(seqs), 2)]
-    scores = score_pairs(scorer, pairs, batch_size, pad_token_id, desc)
-    out = [v for pair in zip(scores.chosen.tolist(), scores.rejected.tolist(), strict=True) for v in pair]
-    return out[: len(seqs)]
-
-
 @contextlib.contextmanager
 def loaded_scorer(model_dir: str | os.PathLike, dtype: str) -> Iterator[tuple[Any, CompletionScorer]]:
     """(tokenizer, frozen CompletionScorer) of a model folder, freed on exit."""
@@ -247,7 +152,7 @@ def load_eval_prompts(path: str | os.PathLike, max_prompts: int | None) -> list[
     ids = [r["prompt_id"] for r in rows]
     if len(set(ids)) != len(ids):
         raise ArtifactError(f"{path}: prompt_id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
-    return [EvalPrompt(r["prompt_id"], r["prompt"], r["meta"], primary_family(r["meta"])) for r in rows]
+    return [EvalPrompt(r["prompt_id"], r["prompt"], r["meta"], task.primary_family(r["meta"])) for r in rows]
 
 
 def generate_answers(
@@ -256,7 +161,7 @@ def generate_answers(
     """``params.n`` answers per prompt; seeds are keyed by prompt id, so every model draws the same numbers."""
     from tqdm.auto import tqdm
 
-    from alignpipe.generation.base import sample
+    from alignpipe.generation.load import sample
 
     timer = Timer(f"evaluate: generate {label}")
     with tqdm(total=len(prompts), unit="prompt", desc=f"generate {label}") as bar:
@@ -276,7 +181,8 @@ def score_answers(
     """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward."""
     from dataclasses import replace
 
-    from alignpipe.rewards.base import get_reward, score_completions
+    from alignpipe.rewards.base import score_completions
+    from alignpipe.rewards.load import get_reward
 
     by_id = {p.prompt_id: p for p in prompts}
     flat = [(model, a) for model, rows in answers.items() for a in rows]
@@ -317,14 +223,18 @@ def policy_logps(
     logps: dict[str, list[float]] = {}
     with loaded_scorer(dpo_dir, params.dtype) as (tokenizer, scorer):
         seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
-        logps["dpo"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps dpo")
+        logps["dpo"] = sequence_logps(
+            scorer, seqs, params.batch_size, tokenizer.pad_token_id, True, "logps dpo"
+        ).tolist()
         pairs = read_pairs(Path(pairs_path), tokenizer, dpo.max_length, dpo.max_prompt_length)
         ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
         policy = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
     del scorer  # one model in memory at a time
     with loaded_scorer(sft_dir, params.dtype) as (tokenizer, scorer):
         seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
-        logps["sft"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps sft")
+        logps["sft"] = sequence_logps(
+            scorer, seqs, params.batch_size, tokenizer.pad_token_id, True, "logps sft"
+        ).tolist()
     kl = kl_estimate(logps["dpo"], logps["sft"], [a.prompt_id for a in dpo_answers])
     pairs_result = pairs_metrics(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta)
     timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
@@ -361,6 +271,7 @@ def run_evaluate(
         params=params,
         reward_name=reward_name,
         builtin=reward_params.kind == "builtin",
+        family_order=task.FAMILIES,
         backend=resolve_backend(params.backend),
         prompts=prompts,
         answers=answers,

@@ -1,1 +1,1 @@
-"""Text generation: one interface (base), two backends (hf, vllm), chosen and loaded in load."""
+"""Text generation: one interface (base), two backends (hf, vllm); load picks and loads one."""

@@ -6,7 +6,8 @@
 - ``vllm`` (:mod:`alignpipe.generation.vllm`): one request per prompt with
   ``SamplingParams(n=N)``, so a prompt's N samples share its KV cache.
 
-``backend: auto`` picks vLLM when it is importable and a GPU is there, else hf.
+``backend: auto`` picks vLLM when it is importable and a GPU is there, else hf
+(:func:`resolve_backend`); :mod:`alignpipe.generation.load` loads the chosen one.
 
 Prompts are rendered with the model's chat template and tokenized once, here
 (:func:`build_requests`), so both backends get the same token ids.
@@ -21,16 +22,13 @@ EOS included, as vLLM reports it by default.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from alignpipe.core.chat import Message, encode_ids, render_prompt, require_chat_template
-from alignpipe.params import SamplingParams
+from alignpipe.core.chat import Message, encode_ids, render_prompt
 
 BackendName = Literal["hf", "vllm"]
 Progress = Callable[[int], None]  # called with the number of prompts just finished
@@ -119,70 +117,3 @@ def build_requests(
         text = render_prompt(tokenizer, prompt)
         requests.append(PromptRequest(text, encode_ids(tokenizer, text), derive_seed(seed, key)))
     return requests
-
-
-def open_backend(model_dir: str | os.PathLike, settings: SamplingParams, tokenizer: Any) -> Backend:
-    """Load the model into the backend that ``settings.backend`` resolves to."""
-    name = resolve_backend(settings.backend)
-    if name == "vllm":
-        from alignpipe.generation.vllm import VllmBackend
-
-        return VllmBackend(model_dir, settings)
-    from alignpipe.generation.hf import HFBackend
-
-    return HFBackend.load(model_dir, settings, tokenizer)
-
-
-@contextlib.contextmanager
-def loaded_backend(
-    model_dir: str | os.PathLike, settings: SamplingParams, tokenizer: Any
-) -> Iterator[Backend]:
-    backend = open_backend(model_dir, settings, tokenizer)
-    try:
-        yield backend
-    finally:
-        backend.close()
-
-
-def load_chat_tokenizer(model_dir: str | os.PathLike) -> Any:
-    from alignpipe.core.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    require_chat_template(tokenizer, where=str(model_dir))
-    return tokenizer
-
-
-def sample(
-    model_dir: str | os.PathLike,
-    prompts: Sequence[list[Message]],
-    settings: SamplingParams,
-    n: int = 1,
-    keys: Sequence[str] | None = None,
-    progress: Progress | None = None,
-) -> list[Sample]:
-    """``n`` samples for each chat prompt from the model in ``model_dir``.
-
-    ``keys`` (prompt ids; default: the prompt's position) fix each prompt's seed,
-    so two models sampled with the same settings and keys draw the same random
-    numbers (``evaluate`` compares SFT and DPO this way).
-    """
-    tokenizer = load_chat_tokenizer(model_dir)
-    keys = list(keys) if keys is not None else [str(i) for i in range(len(prompts))]
-    requests = build_requests(tokenizer, prompts, keys, settings.seed)
-    with loaded_backend(model_dir, settings, tokenizer) as backend:
-        return backend.generate(requests, n, progress)
-
-
-__all__ = [
-    "Backend",
-    "GenerationError",
-    "PromptRequest",
-    "Sample",
-    "build_requests",
-    "derive_seed",
-    "load_chat_tokenizer",
-    "loaded_backend",
-    "open_backend",
-    "resolve_backend",
-    "sample",
-]

@@ -1,1 +1,1 @@
-"""Rewards: one interface (base), three kinds (builtin, hf, python), chosen in load."""
+"""Rewards: one interface (base), three kinds (builtin, hf, python); load builds the configured one."""

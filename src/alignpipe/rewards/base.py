@@ -5,7 +5,7 @@
 - ``builtin``: the built-in task's verifier, fed the prompt's constraint spec (``meta``);
 - ``python``: a user function ``module:function(prompts, completions) -> list[float]``.
 
-The ``score`` stage and the ``evaluate`` stage both go through :func:`get_reward` and
+The ``score`` stage and the ``evaluate`` stage both go through :func:`alignpipe.rewards.load.get_reward` and
 :func:`score_completions`, so a reward means the same thing in both places::
 
     reward = get_reward(params.reward)
@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from alignpipe.core.chat import Message
-from alignpipe.params import RewardParams
 
 __all__ = [
     "Reward",
     "RewardError",
     "RewardResult",
     "check_finite",
-    "get_reward",
     "score_completions",
 ]
 
@@ -71,29 +69,6 @@ class Reward(Protocol):
     def close(self) -> None:
         """Free what the reward holds (a model on the GPU)."""
         ...
-
-
-def get_reward(params: RewardParams) -> Reward:
-    """Build the reward that ``params`` (the ``reward`` section) describes."""
-    if params.kind == "builtin":
-        from alignpipe.rewards.builtin import BuiltinReward
-
-        return BuiltinReward()
-    if params.kind == "python":
-        from alignpipe.rewards.python import PythonReward
-
-        return PythonReward(str(params.function))
-    if params.kind == "hf":
-        from alignpipe.rewards.hf import HFReward
-
-        return HFReward(
-            str(params.model),
-            max_length=params.max_length,
-            batch_size=params.batch_size,
-            dtype=params.dtype,
-            trust_remote_code=params.trust_remote_code,
-        )
-    raise RewardError(f"unknown reward.kind {params.kind!r}; expected builtin, hf or python")
 
 
 def score_completions(
