@@ -11,7 +11,7 @@ prompt + completion fill 60-100% of ``--max-length``, never truncated, the same 
 implementations (checked; TRL gets the rendered text and tokenizes it itself).
 
 - ``ours``: the ``ref_logps`` pass (precomputed reference, then the reference model is freed) plus
-  the ``dpo`` training loop (alignpipe.dpo.build_run / train); both are timed, model loads are not.
+  the ``dpo`` training loop (alignpipe.dpo.stage.build_run / train); both are timed, model loads are not.
 - ``trl``: ``DPOTrainer`` with its defaults (live reference model, its gradient checkpointing, its
   fused AdamW, its sampler) and the same steps, batch, max_length, beta, learning rate, schedule
   (linear, no warmup), seed and precision; ``trainer.train()`` is timed.
@@ -235,7 +235,7 @@ class StepLosses:
 
 def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Reference pass (timed) then the DPO loop (timed); the reference model is freed in between."""
-    import alignpipe.dpo as dpo
+    import alignpipe.dpo.stage as dpo
     from alignpipe.core.logprobs import load_reference, pair_scores
     from alignpipe.core.models import load_tokenizer
 
@@ -273,7 +273,7 @@ def patches(s: dict[str, Any]) -> list[tuple[Any, str, Any]]:
     """(module, name, value) swaps for ``--parity`` (file order: no shuffle, no length grouping, the
     order of TRL's sequential sampler) and ``--ablate`` (optimisations off, for bench/NOTES.md)."""
     import alignpipe.core.logprobs as logprobs
-    import alignpipe.dpo as dpo
+    import alignpipe.dpo.stage as dpo
 
     def file_order(lengths: list[int], size: int, seed: int, epoch: int) -> list[list[int]]:
         return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]

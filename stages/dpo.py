@@ -1,4 +1,4 @@
-"""Stage dpo: preference optimisation of models/sft on the train pairs (see alignpipe.dpo)."""
+"""Stage dpo: preference optimisation of models/sft on the train pairs (see alignpipe.dpo.stage)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from alignpipe.cli import stage_main
-from alignpipe.dpo import run_dpo
+from alignpipe.dpo.stage import run_dpo
 from alignpipe.params import load_section
 
 

@@ -33,7 +33,7 @@ from alignpipe.artifacts.io import read_parquet, write_json, write_parquet
 from alignpipe.artifacts.pairs import encode_pair, read_pairs
 from alignpipe.cli import DEBUG_ENV, _is_ours
 from alignpipe.core.models import load_causal_lm, load_tokenizer
-from alignpipe.dpo import check_loss
+from alignpipe.dpo.stage import check_loss
 from alignpipe.generate import run_generate
 from alignpipe.pairs import pairs
 from alignpipe.params import DataParams, RewardParams, load_section
@@ -42,7 +42,7 @@ from alignpipe.ref_logps import run_ref_logps
 from alignpipe.rewards.hf import load_reward_model
 from alignpipe.rewards.load import get_reward
 from alignpipe.score import score, score_rows
-from alignpipe.sft_data import encode_rows
+from alignpipe.sft.data import encode_rows
 from alignpipe.testing import tiny_config, tiny_tokenizer
 from alignpipe.training.loop import save_model
 
@@ -219,7 +219,7 @@ def artifact_unfinished_generations(c: Ctx) -> Case:
 
 @case
 def artifact_ref_logps_missing_a_pair(c: Ctx) -> Case:
-    from alignpipe.dpo_data import load_split
+    from alignpipe.dpo.data import load_split
 
     write_parquet([_pair_row("p0"), _pair_row("p1")], c.tmp / "pairs/train.parquet", schema.PAIRS)
     ref = c.tmp / "ref_logps.parquet"

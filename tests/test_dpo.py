@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignpipe import dpo as dpo_module
+import alignpipe.dpo.stage as dpo_module
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet, write_parquet
 from alignpipe.core.logprobs import CompletionScorer, PairLogps
 from alignpipe.core.models import load_tokenizer
-from alignpipe.dpo import merged_weights, pair_losses, run_dpo, sync_reference
-from alignpipe.dpo_data import epoch_batches, load_split, micro_batches, steps_per_epoch
+from alignpipe.dpo.data import epoch_batches, load_split, micro_batches, steps_per_epoch
+from alignpipe.dpo.stage import merged_weights, pair_losses, run_dpo, sync_reference
 from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.testing import tiny_model

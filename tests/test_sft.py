@@ -23,8 +23,7 @@ from alignpipe.artifacts.io import ArtifactError, write_parquet
 from alignpipe.artifacts.schema import SFT
 from alignpipe.core.chat import ChatTemplateError
 from alignpipe.params import PeftParams, SftParams
-from alignpipe.sft import SftConfigError, SftPaths, check_settings, run_sft
-from alignpipe.sft_data import (
+from alignpipe.sft.data import (
     IGNORE_INDEX,
     LengthGroupedSampler,
     SftDataError,
@@ -33,6 +32,7 @@ from alignpipe.sft_data import (
     collate_padded,
     encode_rows,
 )
+from alignpipe.sft.stage import SftConfigError, SftPaths, check_settings, run_sft
 from alignpipe.training.checkpoints import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,7 +366,7 @@ def test_accelerate_configs_load(name):
 def test_dvc_sft_stage_runs_under_the_launcher():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sft"]
     assert stage["cmd"].startswith("${sft.launcher} stages/sft.py")
-    assert "src/alignpipe/sft_data.py" in stage["deps"] and stage["params"] == ["sft"]
+    assert "src/alignpipe/sft/data.py" in stage["deps"] and stage["params"] == ["sft"]
     assert {"checkpoints/sft": {"persist": True, "cache": False}} in stage["outs"]
 
 

@@ -38,7 +38,7 @@ from alignpipe.core.models import (
     seed_everything,
 )
 from alignpipe.core.progress import Timer
-from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
+from alignpipe.dpo.data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
 from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (
     checkpoint_history,

@@ -40,7 +40,7 @@ from alignpipe.core.models import (
 )
 from alignpipe.core.progress import Timer
 from alignpipe.params import SftParams
-from alignpipe.sft_data import (
+from alignpipe.sft.data import (
     LengthGroupedSampler,
     SftData,
     SftDataset,
