@@ -168,6 +168,30 @@ def test_shared_packages_import_no_stage():
     assert not wrong, "\n".join(wrong)
 
 
+@pytest.mark.parametrize("name", list(DVC))
+def test_every_stage_exposes_run_params_paths(name):
+    """One shape for every stage: ``run(params, paths) -> summary``, paths a dataclass; its script calls it."""
+    import dataclasses
+    import importlib
+    import inspect
+    import typing
+
+    mod = stage_module(name)
+    assert mod is not None
+    module = importlib.import_module(f"alignpipe.{name}" + (".stage" if mod.is_dir() else ""))
+    run = module.run
+    first, second, *rest = inspect.signature(run).parameters.values()
+    assert (first.name, second.name) == ("params", "paths"), name
+    assert all(p.default is not inspect.Parameter.empty for p in rest), (
+        f"{name}: extra run() options need defaults"
+    )
+    hints = typing.get_type_hints(run)
+    assert dataclasses.is_dataclass(hints["paths"]) and hints["paths"].__name__.endswith("Paths"), hints[
+        "paths"
+    ]
+    assert re.search(r"\brun\(", script_of(name).read_text()), f"stages/{name}.py does not call run()"
+
+
 # --- (b) dvc.yaml deps equal the imports ----------------------------------------------------------
 
 

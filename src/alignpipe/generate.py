@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,20 @@ def _distinct_rate(rows: list[dict[str, Any]], n: int) -> float:
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], set()).add(r["completion"])
     return sum(len(s) for s in by_prompt.values()) / (n * len(by_prompt))
+
+
+@dataclass(frozen=True)
+class GeneratePaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    model: Path
+    prompts: Path
+    out: Path
+    metrics: Path | None = None
+
+
+def run(params: GenerateParams, paths: GeneratePaths, shard: int | None = None) -> dict[str, Any]:
+    """The stage (one shard of it when ``shard`` is set); returns the metrics."""
+    return run_generate(
+        paths.model, paths.prompts, paths.out, params, shard=shard, metrics_path=paths.metrics
+    )

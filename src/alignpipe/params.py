@@ -269,8 +269,46 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     return validate(Params, read_yaml(path), where=str(path))
 
 
+@typing.overload
+def load_section(section: Literal["base_model"], path: str | os.PathLike = ...) -> BaseModelParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["data"], path: str | os.PathLike = ...) -> DataParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["sft"], path: str | os.PathLike = ...) -> SftParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["generate"], path: str | os.PathLike = ...) -> GenerateParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["reward"], path: str | os.PathLike = ...) -> RewardParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["pairs"], path: str | os.PathLike = ...) -> PairsParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["ref_logps"], path: str | os.PathLike = ...) -> RefLogpsParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["dpo"], path: str | os.PathLike = ...) -> DpoParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["evaluate"], path: str | os.PathLike = ...) -> EvaluateParams: ...
+
+
 def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Section:
-    """Load one section (e.g. ``"dpo"``) through its model; other sections are not validated."""
+    """Load one section (e.g. ``"dpo"``) through its model; other sections are not validated.
+
+    Typed per section name (``load_section("dpo")`` is a ``DpoParams``), so stages need no casts."""
     if section not in Params.model_fields:
         close = difflib.get_close_matches(section, list(Params.model_fields), n=1)
         raise ParamsError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,3 +110,16 @@ def prepare(
     write_json(metrics, metrics_path)
     timer.summary(sum(len(r) for r in tables.values()), "rows", **{k: v["rows"] for k, v in metrics.items()})
     return metrics
+
+
+@dataclass(frozen=True)
+class PreparePaths:
+    """Where the stage writes (``dvc.yaml`` passes them on the command line)."""
+
+    out_dir: Path
+    metrics: Path
+
+
+def run(params: DataParams, paths: PreparePaths) -> dict[str, Any]:
+    """The stage: every source to ``paths.out_dir``; returns the metrics."""
+    return prepare(params, paths.out_dir, paths.metrics)

@@ -7,6 +7,7 @@ and :func:`~alignpipe.core.logprobs.pair_scores`), in length-sorted padding-free
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from alignpipe.core.chat import require_chat_template
 from alignpipe.core.logprobs import load_reference, pair_scores
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
-from alignpipe.params import RefLogpsParams
+from alignpipe.params import DpoParams, RefLogpsParams
 
 SPLITS = ("train", "eval")
 
@@ -49,3 +50,28 @@ def run_ref_logps(
     )
     scores.write(out)
     return {"pairs": len(pairs), "tokens": n_tokens, "seconds": round(timer.seconds, 2)}
+
+
+@dataclass(frozen=True)
+class RefLogpsPaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    model: Path
+    pairs: Path
+    out: Path
+
+
+@dataclass(frozen=True)
+class RefLogpsSettings:
+    """The sections the stage reads: its own, and the tokenization lengths of ``dpo``."""
+
+    ref_logps: RefLogpsParams
+    dpo: DpoParams
+
+
+def run(params: RefLogpsSettings, paths: RefLogpsPaths) -> dict[str, Any]:
+    """The stage: reference log-probs of every pair; returns counts and time."""
+    dpo = params.dpo
+    return run_ref_logps(
+        paths.model, paths.pairs, paths.out, params.ref_logps, dpo.max_length, dpo.max_prompt_length
+    )

@@ -14,6 +14,8 @@ import json
 import os
 import statistics
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from alignpipe.artifacts import schema
@@ -106,3 +108,18 @@ def score(
             f"score: {metrics['truncated']} conversation(s) cut to reward.max_length={params.max_length} tokens"
         )
     return metrics
+
+
+@dataclass(frozen=True)
+class ScorePaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    generations: Path
+    prompts: Path
+    out: Path
+    metrics: Path
+
+
+def run(params: RewardParams, paths: ScorePaths) -> dict[str, Any]:
+    """The stage: a reward for every generation; returns the metrics."""
+    return score(paths.generations, paths.prompts, paths.out, paths.metrics, params)

@@ -360,12 +360,13 @@ def pair_scores(
     padding_free: bool = True,
     progress: bool = False,
     desc: str = "ref_logps",
+    share_prompt: bool = True,
 ) -> PairScores:
     """Summed completion log-probs of ``pairs`` (in their order) under a frozen scorer in eval mode."""
     from tqdm.auto import tqdm
 
     device = next(scorer.parameters()).device
-    row_tokens, share = pack_row_tokens(scorer), shares_prompt(scorer)
+    row_tokens, share = pack_row_tokens(scorer), share_prompt and shares_prompt(scorer)
     found: dict[str, tuple[float, float, int, int]] = {}
     with tqdm(total=len(pairs), unit="pair", desc=desc, disable=not progress) as bar:
         for index in length_sorted_batches(pairs, batch_size):

@@ -70,6 +70,11 @@ def epoch_batches(lengths: Sequence[int], global_size: int, seed: int, epoch: in
     return batches
 
 
+def file_batches(n_pairs: int, global_size: int) -> list[list[int]]:
+    """Global batches in file order, no shuffle and no length grouping (TRL's sequential sampler)."""
+    return [list(range(i, min(i + global_size, n_pairs))) for i in range(0, n_pairs, global_size)]
+
+
 def micro_batches(
     global_batch: Sequence[int], num_processes: int, process_index: int, grad_accum: int
 ) -> list[list[int]] | None:

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,14 @@ from alignpipe.core.models import (
     seed_everything,
 )
 from alignpipe.core.progress import Timer
-from alignpipe.dpo.data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
+from alignpipe.dpo.data import (
+    DpoPairs,
+    epoch_batches,
+    file_batches,
+    load_split,
+    micro_batches,
+    steps_per_epoch,
+)
 from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (
     checkpoint_history,
@@ -57,6 +64,16 @@ SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewa
           "logps/chosen", "logps/rejected")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """Switches of the loop that are not params: ``bench/dpo_throughput.py`` turns them for its
+    parity run (``data_order="file"``: TRL's sequential order) and its ablations."""
+
+    data_order: Literal["length_grouped", "file"] = "length_grouped"
+    shared_prompt: bool = True  # pairs run their prompt once where the model allows it
+    fused_adamw: bool = True
+
+
 @dataclass
 class DpoRun:
     """Everything one training run holds."""
@@ -73,6 +90,7 @@ class DpoRun:
     total_steps: int
     row_tokens: int | None  # padding-free row capacity (logprobs.pack_row_tokens)
     share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.core.attention)
+    options: LoopOptions = LoopOptions()
 
     @property
     def global_size(self) -> int:
@@ -209,12 +227,10 @@ def evaluate(run: DpoRun) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sync_reference(run: DpoRun) -> None:
+def sync_reference(policy_model: nn.Module, reference: nn.Module, alpha: float) -> None:
     """TR-DPO soft update of the live reference: ``ref <- alpha * policy + (1 - alpha) * ref``."""
-    assert run.ref_scorer is not None
-    policy = merged_weights(run.accelerator.unwrap_model(run.scorer).model)
-    alpha = run.params.ref_sync_alpha
-    for name, ref in run.ref_scorer.model.named_parameters():
+    policy = merged_weights(policy_model)
+    for name, ref in reference.named_parameters():
         ref.mul_(1 - alpha).add_(policy[name].to(ref.dtype), alpha=alpha)
 
 
@@ -242,7 +258,11 @@ def schedule(run: DpoRun, start: int) -> Any:
     lengths = [pair.n_tokens for pair in run.train.pairs]
     step, epoch = 0, 0
     while True:
-        for global_batch in epoch_batches(lengths, run.global_size, p.seed, epoch):
+        if run.options.data_order == "file":
+            order = file_batches(len(lengths), run.global_size)
+        else:
+            order = epoch_batches(lengths, run.global_size, p.seed, epoch)
+        for global_batch in order:
             micros = micro_batches(global_batch, acc.num_processes, acc.process_index, p.grad_accum)
             if micros is None:
                 continue
@@ -280,7 +300,8 @@ def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: dict[
         window.add(stats.sums, stats.pairs, stats.tokens, time.perf_counter() - t0)
         pairs_seen += stats.pairs
         if p.ref_sync_steps and step % p.ref_sync_steps == 0:
-            sync_reference(run)
+            assert run.ref_scorer is not None
+            sync_reference(acc.unwrap_model(run.scorer).model, run.ref_scorer.model, p.ref_sync_alpha)
         if step % p.logging_steps == 0 or step == run.total_steps:
             log_window(log, step, window, stats)
             window = Window.empty()
@@ -297,7 +318,9 @@ def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: dict[
             "train_seconds": round(timer.seconds, 2), "train_pairs_per_s": round(rate, 3)}  # fmt: skip
 
 
-def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoParams) -> tuple[DpoRun, Any]:
+def build_run(
+    model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoParams, options: LoopOptions = LoopOptions()
+) -> tuple[DpoRun, Any]:
     """Accelerator, data, policy (LoRA when asked), live reference, optimizer and scheduler."""
     from accelerate import Accelerator
 
@@ -321,7 +344,8 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     ref = load_reference(model_dir, params.dtype, acc.device) if params.reference == "live" else None
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
-    optimizer = build_optimizer(scorer, params)
+    share = share and options.shared_prompt
+    optimizer = build_optimizer(scorer, params, fused=options.fused_adamw)
     global_size = params.batch_size * params.grad_accum * acc.num_processes
     per_epoch = steps_per_epoch(len(train_data), global_size, params.grad_accum * acc.num_processes)
     total = params.max_steps if params.max_steps > 0 else params.epochs * per_epoch
@@ -330,7 +354,7 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     scheduler = build_scheduler(optimizer, params, total)
     scorer, optimizer = acc.prepare(scorer, optimizer)
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
-                 tokenizer.pad_token_id, total, row_tokens, share)  # fmt: skip
+                 tokenizer.pad_token_id, total, row_tokens, share, options)  # fmt: skip
     return run, tokenizer
 
 
@@ -367,3 +391,21 @@ def run_dpo(
         log.close(summary)
     acc.wait_for_everyone()
     return summary
+
+
+@dataclass(frozen=True)
+class DpoPaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    model: Path
+    pairs: Path
+    ref_logps: Path
+    out: Path
+    checkpoints: Path
+    metrics_dir: Path
+
+
+def run(params: DpoParams, paths: DpoPaths) -> dict[str, Any]:
+    """The stage: train, resuming from a matching checkpoint; returns the summary."""
+    p = paths
+    return run_dpo(p.model, p.pairs, p.ref_logps, p.out, p.checkpoints, p.metrics_dir, params)

@@ -28,6 +28,7 @@ import math
 import os
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,35 @@ def run_evaluate(
         sum(len(a) for a in answers.values()), "answers", win_rate=metrics["win_rate"], kl=metrics["kl"]
     )
     return metrics
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    sft: Path
+    dpo: Path
+    base: Path
+    prompts: Path
+    pairs: Path
+    ref_logps: Path
+    out_dir: Path
+    sft_curves: Path | None = None
+    dpo_curves: Path | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The sections the stage reads: its own, the reward, and ``dpo``'s beta and tokenization lengths."""
+
+    evaluate: EvaluateParams
+    reward: RewardParams
+    dpo: DpoParams
+
+
+def run(params: EvaluateSettings, paths: EvaluatePaths) -> dict[str, Any]:
+    """The stage; returns eval.json."""
+    curves = {k: v for k, v in (("sft", paths.sft_curves), ("dpo", paths.dpo_curves)) if v is not None}
+    models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base}
+    return run_evaluate(models, paths.prompts, paths.pairs, paths.ref_logps, paths.out_dir,
+                        params.evaluate, params.reward, params.dpo, curves=curves)  # fmt: skip

@@ -347,3 +347,8 @@ def summarize(
         ),
         "resumed_from_step": checkpoint_step(resumed_from) if resumed_from else None,
     }
+
+
+def run(params: SftParams, paths: SftPaths) -> dict[str, Any]:
+    """The stage: train (or pass through) the base model; returns the summary."""
+    return run_sft(params, paths)
