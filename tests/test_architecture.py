@@ -192,6 +192,17 @@ def test_every_stage_exposes_run_params_paths(name):
     assert re.search(r"\brun\(", script_of(name).read_text()), f"stages/{name}.py does not call run()"
 
 
+def test_orchestration_is_for_the_flows_only():
+    """``alignpipe.orchestration`` drives dvc from the Prefect flows; no stage depends on it."""
+    orchestration = PKG / "orchestration"
+    users = [p for p in library_files() if not p.is_relative_to(orchestration)]
+    users += sorted((ROOT / "stages").glob("*.py"))
+    wrong = [
+        f"{rel(p)} imports {rel(d)}" for p in users for d in imports_of(p) if d.is_relative_to(orchestration)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
 # --- (b) dvc.yaml deps equal the imports ----------------------------------------------------------
 
 
