@@ -37,6 +37,7 @@ from alignpipe.core.models import (
     load_tokenizer,
     seed_everything,
 )
+from alignpipe.core.objective import combined_loss, preference_loss
 from alignpipe.core.progress import Timer
 from alignpipe.dpo.data import (
     DpoPairs,
@@ -117,9 +118,9 @@ def pair_losses(policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, p: 
     )
     logps = (policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected)
     if isinstance(p.loss_type, str):
-        return losses.preference_loss(p.loss_type, *logps, **common)
+        return preference_loss(p.loss_type, *logps, **common)
     weights = p.loss_weights or [1.0] * len(p.loss_type)
-    return losses.combined_loss(p.loss_type, weights, *logps, **common)
+    return combined_loss(p.loss_type, weights, *logps, **common)
 
 
 def check_loss(p: DpoParams) -> None:
