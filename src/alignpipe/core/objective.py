@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,34 +100,7 @@ def combined_loss(
     return total
 
 
-def preference_loss(
-    loss_type: str,
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    rpo_alpha: float = 0.0,
-    wpo_weights: Tensor | None = None,
-    **options: float,
-) -> Tensor:
-    """Per-pair loss (B,) of one registered ``loss_type``; see :func:`combined_loss` for the arguments."""
-    return combined_loss(
-        [loss_type],
-        [1.0],
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        rpo_alpha=rpo_alpha,
-        wpo_weights=wpo_weights,
-        **options,
-    )
+def preference_loss(loss_type: str, *logps: Tensor | None, **settings: Any) -> Tensor:
+    """Per-pair loss (B,) of one registered ``loss_type``: :func:`combined_loss` with that loss alone
+    (same arguments after the loss name: the four log-prob tensors, then ``beta=`` and the rest)."""
+    return combined_loss([loss_type], [1.0], *logps, **settings)
