@@ -365,7 +365,7 @@ def test_accelerate_configs_load(name):
 def test_dvc_sft_stage_runs_under_the_launcher():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sft"]
     assert stage["cmd"].startswith("${sft.launcher} stages/sft.py")
-    assert "src/alignpipe/sft/data.py" in stage["deps"] and stage["params"] == ["sft"]
+    assert stage["params"] == ["sft"]  # its deps: tests/test_architecture.py checks them against the imports
     assert stage["outs"] == ["models/sft"]  # checkpoints/sft is resume state, not an out (dvc.yaml)
 
 
