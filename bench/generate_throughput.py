@@ -126,8 +126,8 @@ def timed(fn, cpu_seconds) -> dict:
 def hf_engines(args, settings, tokenizer, requests, device, record_cb: dict) -> dict:
     import torch
 
+    from alignpipe.core.models import load_causal_lm
     from alignpipe.generation.hf import HFBackend
-    from alignpipe.runtime import load_causal_lm
 
     def loop():
         backend = HFBackend(
@@ -203,7 +203,7 @@ def vllm_worker(args) -> None:
     """In vLLM's environment: start the engine, warm up, time the repeats, check batch invariance."""
     import psutil
 
-    from alignpipe.generation import PromptRequest
+    from alignpipe.generation.base import PromptRequest
     from alignpipe.generation.vllm import VllmBackend
     from alignpipe.params import SamplingParams
 
@@ -292,10 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch
 
+    from alignpipe.core.models import resolve_dtype
     from alignpipe.data.builtin import make_items
-    from alignpipe.generation import build_requests, load_chat_tokenizer
+    from alignpipe.generation.base import build_requests
+    from alignpipe.generation.load import load_chat_tokenizer
     from alignpipe.params import SamplingParams
-    from alignpipe.runtime import resolve_dtype
 
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from alignpipe.chat import encode_completion, encode_ids, render_prompt
 from alignpipe.chat_cli import ChatSession, main, parser, settings_from
+from alignpipe.core.chat import encode_completion, encode_ids, render_prompt
 from alignpipe.params import GenerateParams
 from alignpipe.testing import tiny_model, tiny_tokenizer
 

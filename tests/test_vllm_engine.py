@@ -27,7 +27,7 @@ from ci_skips import in_ci
 from faults import artifact_digests, file_appears, run_process, temp_leftovers
 from workspace import ROOT, env, make_workspace, ran_stages
 
-from alignpipe.generate import read_generations
+from alignpipe.artifacts.generations import read_generations
 from alignpipe.testing import tiny_model, tiny_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -73,7 +73,8 @@ def raw(llm, requests, settings, n, sampling_params_cls) -> list[list[dict]]:
 
 def main() -> None:
     model_dir, second_dir, out_path = sys.argv[1:4]
-    from alignpipe.generation import build_requests, load_chat_tokenizer
+    from alignpipe.generation.base import build_requests
+    from alignpipe.generation.load import load_chat_tokenizer
     from alignpipe.generation.vllm import VllmBackend, engine_device
     from alignpipe.params import SamplingParams
 

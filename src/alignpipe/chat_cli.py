@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import torch
 
-from alignpipe.chat import Message, encode_ids, render_prompt, require_chat_template
+from alignpipe.core.chat import Message, encode_ids, render_prompt, require_chat_template
 from alignpipe.params import GenerateParams, load_section
 
 PROMPT = ">>> "
@@ -148,7 +148,7 @@ def repl(session: ChatSession, read: Any = input, out: TextIO = sys.stdout) -> N
 
 
 def load_session(args: argparse.Namespace) -> ChatSession:
-    from alignpipe.runtime import check_model_folder, load_causal_lm, load_tokenizer
+    from alignpipe.core.models import check_model_folder, load_causal_lm, load_tokenizer
 
     settings = settings_from(args)
     check_model_folder(args.model_dir)
