@@ -47,9 +47,9 @@ LONGER_PROMPTS = PROMPTS + [[{"role": "user", "content": "tea " * 40}], [{"role"
 
 @pytest.mark.parametrize(
     ("importable", "cuda", "expected"),
-    [(True, True, "vllm"), (True, False, "vllm"), (False, True, "hf"), (False, False, "hf")],
+    [(True, True, "vllm"), (True, False, "hf"), (False, True, "hf"), (False, False, "hf")],
 )
-def test_auto_picks_vllm_whenever_it_is_importable_cpu_included(monkeypatch, importable, cuda, expected):
+def test_auto_picks_vllm_only_with_vllm_and_a_gpu(monkeypatch, importable, cuda, expected):
     monkeypatch.setattr(gen, "vllm_importable", lambda: importable)
     monkeypatch.setattr(gen, "cuda_available", lambda: cuda)
     assert resolve_backend("auto") == expected

