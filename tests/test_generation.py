@@ -308,6 +308,16 @@ def test_vllm_sampling_kwargs_map_params_one_to_one():
     assert "enforce_eager" not in engine and "enable_chunked_prefill" not in engine
 
 
+def test_vllm_on_cpu_refuses_a_head_size_without_a_kernel_before_the_engine_starts(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 32, "num_attention_heads": 4}')
+    with pytest.raises(GenerationError, match="head size 8 has no vLLM CPU attention kernel"):
+        gvllm.check_cpu_head_size(tmp_path)
+    (tmp_path / "config.json").write_text('{"hidden_size": 576, "num_attention_heads": 9}')  # SmolLM2-135M
+    gvllm.check_cpu_head_size(tmp_path)
+    (tmp_path / "config.json").write_text('{"hidden_size": 32, "num_attention_heads": 4, "head_dim": 64}')
+    gvllm.check_cpu_head_size(tmp_path)
+
+
 def test_vllm_engine_on_cpu_gets_the_cpu_build_settings():
     engine = gvllm.engine_kwargs("m", _settings(), device="cpu")
     assert engine["dtype"] == "float32" and engine["enforce_eager"] is True

