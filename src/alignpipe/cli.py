@@ -20,6 +20,7 @@ def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:
 
     @functools.wraps(fn)
     def wrapper() -> None:
+        exit_with_launcher()
         try:
             fn()
         except KeyboardInterrupt:
@@ -38,6 +39,21 @@ def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:
             sys.exit(1)
 
     return wrapper
+
+
+def exit_with_launcher() -> None:
+    """Under torchrun (``accelerate launch``), die with the launcher. torchrun starts each worker in
+    a session of its own, so a SIGKILL of the launcher (or of dvc's process group) left the workers
+    training, and writing ``models/`` after the stage had failed. Linux: ``PR_SET_PDEATHSIG``."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the call
+        os._exit(1)
 
 
 def _is_ours(exc: BaseException) -> bool:

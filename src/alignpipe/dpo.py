@@ -35,6 +35,7 @@ from alignpipe.logprobs import (
 )
 from alignpipe.params import DpoParams
 from alignpipe.runtime import (
+    cpu_only,
     enable_activation_checkpointing,
     load_causal_lm,
     load_tokenizer,
@@ -306,7 +307,7 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
 
     compute = resolve_dtype(params.dtype, "cuda" if torch.cuda.is_available() else "cpu")
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
-    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum)
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum, cpu=cpu_only())
     seed_everything(params.seed)
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))
@@ -353,6 +354,7 @@ def run_dpo(
     run, tokenizer = build_run(model_dir, pairs_dir, ref_logps, params)
     acc = run.accelerator
     fp = fingerprint(params, [model_dir, pairs_dir / "train.parquet", ref_logps])
+    fp += f"-{acc.num_processes}p"  # another world size: another global batch and shard layout (as sft's)
     if acc.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
         find_checkpoint(checkpoints, fp)  # deletes stale ones

@@ -25,6 +25,12 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_only() -> bool:
+    """No accelerator here: accelerate and the Trainer must be told (``cpu=True``), else processes
+    started by torchrun (``accelerate launch --multi_gpu``) each train alone instead of joining gloo."""
+    return not torch.accelerator.is_available()
+
+
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     """``auto`` is bf16 on a GPU and fp32 on CPU; otherwise the named dtype."""
     if dtype == "auto":

@@ -34,6 +34,7 @@ from alignpipe.io import atomic_path, read_parquet, write_json
 from alignpipe.params import SftParams
 from alignpipe.runtime import (
     check_model_folder,
+    cpu_only,
     load_causal_lm,
     load_tokenizer,
     pick_device,
@@ -101,8 +102,8 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
         data_collator=collator(params, tokenizer.pad_token_id, trim_logits=args.n_gpu <= 1),
         callbacks=[live, *callbacks],
         sampler=LengthGroupedSampler(
-            [len(e.input_ids) for e in data.examples], params.batch_size, params.seed
-        ),
+            [len(e.input_ids) for e in data.examples], params.batch_size * args.world_size, params.seed
+        ),  # global batches: the processes split each one, so N x B/N sees what 1 x B sees
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -141,6 +142,7 @@ def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArgument
     dtype = resolve_dtype(params.dtype, pick_device())
     return TrainingArguments(
         output_dir=str(checkpoints),
+        use_cpu=cpu_only(),
         per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum,
         num_train_epochs=params.epochs,
