@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from alignpipe.training import (
     build_scheduler,
     find_checkpoint,
     fingerprint,
+    fsdp_units,
     load_checkpoint,
     save_checkpoint,
     save_model,
@@ -335,6 +337,12 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
         raise ValueError(f"dpo: {len(train_data)} train pairs are too few for one step of {global_size}")
     scheduler = build_scheduler(optimizer, params, total)
     scorer, optimizer = acc.prepare(scorer, optimizer)
+    if acc.is_main_process and acc.distributed_type == "FSDP":
+        print(f"dpo: FSDP units {dict(fsdp_units(scorer))}", flush=True)  # the decoder layers and the root
+    elif acc.is_main_process and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        print(
+            "dpo: accelerate applies FSDP to GPU processes only: these CPU ones run data parallel", flush=True
+        )
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
                  tokenizer.pad_token_id, total, row_tokens, share)  # fmt: skip
     return run, tokenizer

@@ -286,6 +286,11 @@ class CompletionScorer(nn.Module):
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
 
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The inner model's decoder layer classes: FSDP's TRANSFORMER_BASED_WRAP reads them here."""
+        return getattr(self.causal_lm, "_no_split_modules", None)
+
+    @property
     def causal_lm(self) -> nn.Module:
         """The transformers model (under a peft wrapper, the one its adapters are injected into)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,14 @@ def apply_peft(model: nn.Module, params: TrainParams) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def fsdp_units(model: nn.Module) -> Counter[str]:
+    """Modules FSDP (1 or 2) made into units of their own in ``model``, by class name."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    units = (m for m in model.modules() if isinstance(m, FSDPModule | FullyShardedDataParallel))
+    return Counter(type(getattr(m, "module", m)).__name__.removeprefix("FSDP") for m in units)
 
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
