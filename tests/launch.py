@@ -164,6 +164,20 @@ def sft_row(i: int) -> dict:
     }
 
 
+def save_model(out: Path, **overrides: Any) -> Path:
+    """A tiny model folder; ``overrides`` change its config (bitsandbytes' CPU NF4 kernels need
+    ``hidden_size`` >= 64, its block size)."""
+    from alignpipe.testing import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer, **overrides)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def write_data(root: Path, n_train: int = 16, n_eval: int = 4, n_sft: int = 16) -> None:
     write_parquet([pair_row(i, "t") for i in range(n_train)], root / "pairs" / "train.parquet", schema.PAIRS)
     write_parquet([pair_row(i, "e") for i in range(n_eval)], root / "pairs" / "eval.parquet", schema.PAIRS)

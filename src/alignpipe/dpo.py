@@ -27,8 +27,10 @@ from alignpipe.cli import Timer
 from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
 from alignpipe.logprobs import (
     CompletionScorer,
+    Numerics,
     PairLogps,
     collate_pairs,
+    load_model,
     load_reference,
     pack_row_tokens,
     pair_logps,
@@ -38,9 +40,7 @@ from alignpipe.params import DpoParams
 from alignpipe.runtime import (
     cpu_only,
     enable_activation_checkpointing,
-    load_causal_lm,
     load_tokenizer,
-    resolve_dtype,
     seed_everything,
 )
 from alignpipe.training import (
@@ -56,6 +56,7 @@ from alignpipe.training import (
     load_checkpoint,
     save_checkpoint,
     save_model,
+    unquantized_copy,
 )
 
 # Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
@@ -137,7 +138,7 @@ def batch_logps(run: DpoRun, data: DpoPairs, index: list[int]) -> tuple[Any, Pai
     if run.ref_scorer is None:
         ref_c, ref_r = (t.to(device) for t in data.ref(index))
     else:
-        with torch.no_grad():
+        with torch.no_grad(), run.accelerator.autocast():  # the policy's mixed precision
             live = pair_logps(run.ref_scorer, batch)
         ref_c, ref_r = live.chosen_logps, live.rejected_logps
     return batch, policy, ref_c, ref_r
@@ -307,8 +308,9 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     """Accelerator, data, policy (LoRA when asked), live reference, optimizer and scheduler."""
     from accelerate import Accelerator
 
-    compute = resolve_dtype(params.dtype, "cuda" if torch.cuda.is_available() else "cpu")
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
+    peft = params.peft
+    numerics = Numerics.of_policy(params.dtype, peft.enabled, peft.load_in_4bit, "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(numerics.autocast, "no")
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum, cpu=cpu_only())
     seed_everything(params.seed)
     tokenizer = load_tokenizer(model_dir)
@@ -317,16 +319,14 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     train_data = load_split(pairs_dir, "train", ref_logps, tokenizer, *lengths)
     has_eval = (pairs_dir / "eval.parquet").exists()
     eval_data = load_split(pairs_dir, "eval", ref_logps, tokenizer, *lengths) if has_eval else None
-    # full fine-tuning keeps float32 master weights (bf16 autocast on GPU); LoRA keeps the base in bf16
-    weights = str(compute).removeprefix("torch.") if params.peft.enabled else "float32"
-    model = load_causal_lm(model_dir, dtype=weights, device=acc.device)
+    model = load_model(model_dir, numerics, acc.device)  # the ref_logps stage loads the same way
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
     scorer = CompletionScorer(apply_peft(model, params)).train()
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
-    ref = load_reference(model_dir, params.dtype, acc.device) if params.reference == "live" else None
+    ref = load_reference(model_dir, numerics, acc.device) if params.reference == "live" else None
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
     optimizer = build_optimizer(scorer, params)
@@ -376,6 +376,7 @@ def run_dpo(
     state = acc.get_state_dict(run.scorer)
     if acc.is_main_process:
         policy = acc.unwrap_model(run.scorer).model
+        policy = unquantized_copy(policy, model_dir, params) if params.peft.load_in_4bit else policy
         full = None if params.peft.enabled else {k.removeprefix("model."): v for k, v in state.items()}
         save_model(policy, full, tokenizer, out_dir)
         log.close(summary)

@@ -383,12 +383,50 @@ def shares_prompt(scorer: nn.Module) -> bool:
     return bool(getattr(inner, "shares_prompt", False))
 
 
-def load_reference(path: str | Path, dtype: str, device: torch.device) -> CompletionScorer:
-    """A frozen scorer (eval mode, no grads) of the model at ``path`` in ``dtype``, as both the
-    ``ref_logps`` stage and the live reference of ``dpo`` use it (no autocast: the weights' dtype)."""
-    from alignpipe.runtime import load_causal_lm
+@dataclass(frozen=True)
+class Numerics:
+    """How the dpo policy computes, so that its reference is computed the same way (step-1 loss ln 2):
+    the weights' dtype, the autocast dtype (None: the weights' own) and a 4-bit NF4 base (QLoRA)."""
 
-    scorer = CompletionScorer(load_causal_lm(path, dtype=dtype, device=device)).eval()
+    weights: str  # float32 | bfloat16 | float16
+    autocast: torch.dtype | None = None
+    load_in_4bit: bool = False
+
+    @classmethod
+    def of_policy(cls, dtype: str, peft: bool, load_in_4bit: bool, device: torch.device | str | None = None) -> Numerics:  # fmt: skip
+        """Full fine-tuning keeps float32 master weights under autocast to ``dtype`` (bf16 on GPU for
+        ``auto``); LoRA keeps the base in ``dtype`` (its adapters add exact zeros at step 1)."""
+        from alignpipe.runtime import resolve_dtype
+
+        compute = resolve_dtype(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        autocast = None if compute == torch.float32 else compute
+        weights = str(compute).removeprefix("torch.") if peft else "float32"
+        return cls("bfloat16" if load_in_4bit else weights, autocast, load_in_4bit)
+
+    def context(self, device: torch.device | str) -> Any:
+        """The autocast the policy's forward runs under (accelerate's mixed precision)."""
+        import contextlib
+
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=self.autocast)
+
+
+def load_model(path: str | Path, numerics: Numerics, device: torch.device) -> nn.Module:
+    """The causal LM at ``path`` as ``numerics`` say (dtype, or a 4-bit base): policy and reference."""
+    from alignpipe.runtime import load_causal_lm, load_causal_lm_4bit
+
+    if numerics.load_in_4bit:
+        return load_causal_lm_4bit(path, device)
+    return load_causal_lm(path, dtype=numerics.weights, device=device)
+
+
+def load_reference(path: str | Path, dtype: str | Numerics, device: torch.device) -> CompletionScorer:
+    """A frozen scorer (eval mode, no grads) of the model at ``path``, as both the ``ref_logps`` stage
+    and the live reference of ``dpo`` use it: in ``dtype`` (the weights' own, no autocast), or loaded as
+    the policy is (:class:`Numerics`; the caller runs it under ``numerics.context``)."""
+    numerics = dtype if isinstance(dtype, Numerics) else Numerics(dtype)
+    scorer = CompletionScorer(load_model(path, numerics, device)).eval()
     scorer.requires_grad_(False)
     return scorer
 

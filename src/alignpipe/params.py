@@ -72,7 +72,7 @@ class PeftParams(Section):
     alpha: PositiveInt = 32
     dropout: Probability = 0.05
     target_modules: str | list[str] = "all-linear"
-    load_in_4bit: bool = False  # QLoRA (needs bitsandbytes and a GPU)
+    load_in_4bit: bool = False  # QLoRA: LoRA on an NF4 4-bit base (bitsandbytes; CPU or GPU)
 
 
 class TrainParams(Section):
@@ -186,6 +186,8 @@ class DpoParams(TrainParams):
             raise ValueError("dpo.loss_weights needs one weight per entry of dpo.loss_type")
         if self.ref_sync_steps is not None and self.reference != "live":
             raise ValueError("dpo.ref_sync_steps (TR-DPO) needs dpo.reference: live")
+        if self.peft.load_in_4bit and not self.peft.enabled:
+            raise ValueError("dpo.peft.load_in_4bit (QLoRA) needs dpo.peft.enabled: true")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("dpo.max_prompt_length must be smaller than dpo.max_length")
         return self

@@ -14,7 +14,7 @@ from alignpipe import schema
 from alignpipe.chat import require_chat_template
 from alignpipe.cli import Timer
 from alignpipe.io import write_parquet
-from alignpipe.logprobs import PairDataError, load_reference, read_pairs, reference_logps
+from alignpipe.logprobs import Numerics, PairDataError, load_reference, read_pairs, reference_logps
 from alignpipe.params import RefLogpsParams
 from alignpipe.runtime import load_tokenizer, pick_device
 
@@ -28,8 +28,12 @@ def run_ref_logps(
     params: RefLogpsParams,
     max_length: int,
     max_prompt_length: int,
+    policy: Numerics | None = None,
 ) -> dict[str, Any]:
-    """Write ``out`` (schema.REF_LOGPS), one row per pair of ``pairs_dir/{train,eval}.parquet``."""
+    """Write ``out`` (schema.REF_LOGPS), one row per pair of ``pairs_dir/{train,eval}.parquet``.
+
+    ``policy``: how dpo's policy computes; with ``ref_logps.dtype: auto`` the reference is computed the
+    same way (weights, autocast, 4-bit base), so dpo's step-1 loss is ln 2 on any device."""
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))
     pairs = []
@@ -41,9 +45,12 @@ def run_ref_logps(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PairDataError(f"{pairs_dir}: pair_id {dup!r} is in both train and eval")
-    scorer = load_reference(model_dir, params.dtype, pick_device())
+    numerics = policy if policy is not None and params.dtype == "auto" else Numerics(params.dtype)
+    device = pick_device()
+    scorer = load_reference(model_dir, numerics, device)
     timer = Timer("ref_logps")
-    rows = reference_logps(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
+    with numerics.context(device):
+        rows = reference_logps(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
     n_tokens = sum(p.n_tokens for p in pairs)
     timer.summary(
         len(pairs), "pairs", tokens=n_tokens, tokens_per_s=round(n_tokens / max(timer.seconds, 1e-9))

@@ -97,6 +97,29 @@ def load_causal_lm(
     return model.to(device)
 
 
+def load_causal_lm_4bit(path: str | os.PathLike, device: torch.device | None = None) -> Any:
+    """QLoRA's base: NF4 4-bit linear layers (double quantization, bf16 compute), prepared for k-bit
+    training (the other weights in float32, all frozen). bitsandbytes runs it on CPU too."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_folder(path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        quantization_config=quantization,
+        dtype=torch.bfloat16,
+        device_map={"": device or pick_device()},
+        use_safetensors=True,
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def enable_activation_checkpointing(model: Any) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant, so the inputs need no
     ``requires_grad`` and dropout masks are replayed). transformers 5 renamed the method."""

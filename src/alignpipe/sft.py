@@ -36,6 +36,7 @@ from alignpipe.runtime import (
     check_model_folder,
     cpu_only,
     load_causal_lm,
+    load_causal_lm_4bit,
     load_tokenizer,
     pick_device,
     resolve_dtype,
@@ -64,7 +65,7 @@ LIVE_METRICS = {
 
 
 class SftConfigError(ValueError):
-    """The sft settings cannot run here (e.g. QLoRA without a GPU)."""
+    """The sft settings cannot run here (e.g. QLoRA without bitsandbytes)."""
 
 
 @dataclass(frozen=True)
@@ -130,10 +131,6 @@ def check_settings(params: SftParams) -> None:
     if params.peft.load_in_4bit:
         if not params.peft.enabled:
             raise SftConfigError("sft.peft.load_in_4bit (QLoRA) needs sft.peft.enabled: true")
-        if not torch.cuda.is_available():
-            raise SftConfigError(
-                "sft.peft.load_in_4bit (QLoRA) needs a CUDA GPU; set it to false on this machine"
-            )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise SftConfigError("sft.peft.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
@@ -192,13 +189,9 @@ def build_model(params: SftParams, model_dir: Path) -> Any:
     )
     if not params.peft.enabled:
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if params.peft.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=params.gradient_checkpointing
-        )
-    elif params.gradient_checkpointing:
+    if params.gradient_checkpointing:  # a 4-bit base is prepared for k-bit training by its loader
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(params))
 
@@ -227,22 +220,7 @@ def lora_config(params: SftParams) -> Any:
 
 
 def _load_4bit(model_dir: Path) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    check_model_folder(model_dir)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    return AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        quantization_config=quantization,
-        dtype=torch.bfloat16,
-        device_map={"": pick_device()},
-        use_safetensors=True,
-    )
+    return load_causal_lm_4bit(model_dir, pick_device())
 
 
 def save_final(trainer: Trainer, params: SftParams, paths: SftPaths, tokenizer: Any) -> None:
