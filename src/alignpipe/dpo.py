@@ -38,7 +38,7 @@ from alignpipe.logprobs import (
 )
 from alignpipe.params import DpoParams
 from alignpipe.runtime import (
-    cpu_only,
+    accelerator_kwargs,
     enable_activation_checkpointing,
     load_tokenizer,
     seed_everything,
@@ -311,7 +311,9 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     peft = params.peft
     numerics = Numerics.of_policy(params.dtype, peft.enabled, peft.load_in_4bit, "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(numerics.autocast, "no")
-    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum, cpu=cpu_only())
+    acc = Accelerator(
+        mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum, **accelerator_kwargs()
+    )
     seed_everything(params.seed)
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))
@@ -336,6 +338,12 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     if per_epoch == 0:
         raise ValueError(f"dpo: {len(train_data)} train pairs are too few for one step of {global_size}")
     scheduler = build_scheduler(optimizer, params, total)
+    if (
+        acc.distributed_type == "DEEPSPEED"
+    ):  # no DataLoader goes through prepare: its "auto" sizes from params
+        acc.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=params.batch_size, gradient_clipping=params.max_grad_norm
+        )
     scorer, optimizer = acc.prepare(scorer, optimizer)
     if acc.is_main_process and acc.distributed_type == "FSDP":
         print(f"dpo: FSDP units {dict(fsdp_units(scorer))}", flush=True)  # the decoder layers and the root

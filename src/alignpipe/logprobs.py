@@ -286,6 +286,11 @@ class CompletionScorer(nn.Module):
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
 
     @property
+    def vocab_size(self) -> int:
+        """Logits per token, from the config: under ZeRO-3 the head's weight has shape [0] outside its forward."""
+        return self.causal_lm.config.get_text_config().vocab_size
+
+    @property
     def _no_split_modules(self) -> list[str] | None:
         """The inner model's decoder layer classes: FSDP's TRANSFORMER_BASED_WRAP reads them here."""
         return getattr(self.causal_lm, "_no_split_modules", None)
@@ -315,8 +320,7 @@ class CompletionScorer(nn.Module):
             **extra,
         )
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[predict_index]
-        head = self.causal_lm.get_output_embeddings()
-        chunk = max(1, self.logit_budget // head.weight.shape[0])
+        chunk = max(1, self.logit_budget // self.vocab_size)
         if hidden.shape[0] <= chunk:
             return self._chunk(hidden, target_ids, aligned)
         parts = []

@@ -31,6 +31,23 @@ def cpu_only() -> bool:
     return not torch.accelerator.is_available()
 
 
+def deepspeed_launch() -> bool:
+    """Started by ``accelerate launch`` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """``Accelerator(**...)`` for this machine: on CPU ``cpu=True`` (see :func:`cpu_only`), except under
+    DeepSpeed, which accelerate skips on a ``cpu=True`` state: there the gloo backend, named."""
+    if not cpu_only():
+        return {}
+    if deepspeed_launch():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     """``auto`` is bf16 on a GPU and fp32 on CPU; otherwise the named dtype."""
     if dtype == "auto":

@@ -35,6 +35,7 @@ from alignpipe.params import SftParams
 from alignpipe.runtime import (
     check_model_folder,
     cpu_only,
+    deepspeed_launch,
     load_causal_lm,
     load_causal_lm_4bit,
     load_tokenizer,
@@ -139,7 +140,8 @@ def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArgument
     dtype = resolve_dtype(params.dtype, pick_device())
     return TrainingArguments(
         output_dir=str(checkpoints),
-        use_cpu=cpu_only(),
+        use_cpu=cpu_only() and not deepspeed_launch(),  # as runtime.accelerator_kwargs
+        ddp_backend="gloo" if cpu_only() and deepspeed_launch() else None,
         per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum,
         num_train_epochs=params.epochs,
