@@ -1,7 +1,9 @@
 """dpo under DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml, 2 CPU processes, gloo) against
-1 process at the same global batch. The model is big enough that ZeRO-3 partitions its head and
-embeddings (more elements than ``stage3_param_persistence_threshold``): their weights have shape [0]
-outside their forward, so the log-prob chunking reads the vocabulary from the config.
+1 process at the same global batch. The model's untied head is big enough that ZeRO-3 partitions it
+(more elements than ``stage3_param_persistence_threshold``): its weight has shape [0] outside its
+forward, so the log-prob chunking reads the vocabulary from the config. (With DeepSpeed 0.19.8 the head
+was already prefetched, status AVAILABLE, where the chunk size is computed, so the old
+``head.weight.shape[0]`` did not fail here; the config does not depend on that.)
 
 Tolerance as in tests/test_multiprocess.py (fp32; measured about 3e-6 relative on the grad norm)."""
 
@@ -26,7 +28,8 @@ DPO = dict(
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("zero3")
-    model = save_model(root / "model", hidden_size=320, intermediate_size=640)  # head: 320 x 320 = 102,400
+    # an untied head of 320 x 320 = 102,400 elements (tied, it stays gathered from the embedding's forward)
+    model = save_model(root / "model", hidden_size=320, intermediate_size=640, tie_word_embeddings=False)
     write_data(root, n_train=16, n_eval=4, n_sft=16)
     ref = root / "ref_logps.parquet"
     section = {"ref_logps": {"batch_size": 4, "dtype": "float32"}, "dpo": DPO}
@@ -36,7 +39,7 @@ def ws(tmp_path_factory) -> SimpleNamespace:
 
 def test_the_head_is_large_enough_to_be_partitioned(ws):
     weights = load_file(str(ws.model / "model.safetensors"))
-    assert weights["model.embed_tokens.weight"].numel() > PERSISTENCE_THRESHOLD  # tied: the head
+    assert weights["lm_head.weight"].numel() > PERSISTENCE_THRESHOLD
 
 
 def test_dpo_zero3_on_two_processes_equals_one(ws):

@@ -338,9 +338,7 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     if per_epoch == 0:
         raise ValueError(f"dpo: {len(train_data)} train pairs are too few for one step of {global_size}")
     scheduler = build_scheduler(optimizer, params, total)
-    if (
-        acc.distributed_type == "DEEPSPEED"
-    ):  # no DataLoader goes through prepare: its "auto" sizes from params
+    if acc.distributed_type == "DEEPSPEED":  # no DataLoader goes through prepare: "auto" from params
         acc.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=params.batch_size, gradient_clipping=params.max_grad_norm
         )
