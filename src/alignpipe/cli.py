@@ -23,6 +23,7 @@ def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:
         exit_with_launcher()
         try:
             fn()
+            close_process_group()
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
@@ -54,6 +55,16 @@ def exit_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() == 1:  # the launcher died before the call
         os._exit(1)
+
+
+def close_process_group() -> None:
+    """End a stage's torch.distributed group (gloo, DeepSpeed) before exit: left to the interpreter's
+    teardown, a worker sometimes aborted ("terminate called without an active exception") after
+    writing its outputs, and the launcher failed the stage."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _is_ours(exc: BaseException) -> bool:
