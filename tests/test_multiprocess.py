@@ -89,14 +89,23 @@ def test_dpo_two_processes_equal_one_at_the_same_global_batch(ws):
     assert model.config.model_type == "llama"
 
 
-def test_sft_two_processes_equal_one_at_the_same_global_batch(ws):
-    runs = {}
-    for nproc in (1, 2):
+def sft_paths(ws: SimpleNamespace, run: Path) -> dict[str, Path]:
+    return {"model": ws.model, "data": ws.root / "sft.parquet", "out": run / "out",
+            "checkpoints": run / "ckpt", "metrics_dir": run / "reports"}  # fmt: skip
+
+
+def sft_run(ws: SimpleNamespace, nproc: int) -> Path:
+    if f"sft-{nproc}" not in ws.runs:
         run = ws.root / f"sft-{nproc}"
-        paths = {"model": ws.model, "data": ws.root / "sft.parquet", "out": run / "out",
-                 "checkpoints": run / "ckpt", "metrics_dir": run / "reports"}  # fmt: skip
-        run_stage(run, "sft", {"sft": {**SFT, "batch_size": SFT["batch_size"] // nproc}}, paths, nproc)
-        runs[nproc] = run
+        run_stage(
+            run, "sft", {"sft": {**SFT, "batch_size": SFT["batch_size"] // nproc}}, sft_paths(ws, run), nproc
+        )
+        ws.runs[f"sft-{nproc}"] = run
+    return ws.runs[f"sft-{nproc}"]
+
+
+def test_sft_two_processes_equal_one_at_the_same_global_batch(ws):
+    runs = {n: sft_run(ws, n) for n in (1, 2)}
     for key in ("loss", "grad_norm"):
         a, b = (tsv(runs[n] / f"reports/plots/metrics/train/{key}.tsv") for n in (1, 2))
         assert len(a) == len(b) == 3
@@ -106,6 +115,20 @@ def test_sft_two_processes_equal_one_at_the_same_global_batch(ws):
     assert m1["tokens"] == m2["tokens"]  # every process's tokens are counted
     assert_close_weights(runs[1] / "out", runs[2] / "out")
     AutoModelForCausalLM.from_pretrained(runs[2] / "out")
+
+
+def test_sft_resumes_after_a_sigkill_of_the_launcher_to_the_uninterrupted_result(ws):
+    straight, run = sft_run(ws, 2), ws.root / "sft-killed"
+    section = {"sft": {**SFT, "batch_size": 4, "save_steps": 1}}
+    run.mkdir()
+    (run / "params.yaml").write_text(yaml.safe_dump(section))
+    paths = sft_paths(ws, run)
+    first = paths["checkpoints"] / "checkpoint-1" / "trainer_state.json"  # written last: complete
+    kill_when(argv("sft", paths, 2), run, 2, run / "killed.log", first.exists)
+    assert not paths["out"].exists(), "the killed run wrote its output"
+    run_stage(run, "sft", section, paths, 2)
+    assert metrics(paths["metrics_dir"])["resumed_from_step"] in (1, 2)
+    assert_close_weights(straight / "out", paths["out"], atol=0.0)
 
 
 KILLED = {**DPO, "batch_size": 4, "save_steps": 1}  # 2 processes, a checkpoint every step
