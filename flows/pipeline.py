@@ -104,7 +104,7 @@ def run_dvc(args: list[str], workspace: str) -> None:
 
 @task(cache_policy=NO_CACHE, task_run_name="generate-shard-{shard}")
 def run_generate_shard(command: str, shard: int, workspace: str) -> int:
-    """EXPERIMENTAL: ``<generate cmd> --shard i``: the chunks of one shard, into the stage's persist out."""
+    """``<generate cmd> --shard i``: the chunks of one shard, into the stage's persist out."""
     env = shard_devices(shard, os.environ)
     _run(f"{command} --shard {shard}", workspace, f"generate shard {shard}", env)
     return shard
@@ -197,7 +197,7 @@ def pipeline(
         retries: Retries per stage, e.g. {"generate": 2}; stages not named get none.
         save_experiment: After a successful run, save the workspace as this DVC experiment.
         push: After a successful run, `dvc push` the outputs to the DVC remote (pods, CI).
-        generate_shards_parallel: EXPERIMENTAL: when generate is stale, run its
+        generate_shards_parallel: When generate is stale, run its
             `generate.num_shards` shards as parallel tasks (`<generate cmd> --shard i`, one GPU
             of CUDA_VISIBLE_DEVICES each) before DVC runs the stage, which then only merges.
         workspace: The DVC repository to run in (empty: the checkout holding this flow).

@@ -19,11 +19,14 @@ def main() -> None:
         "--pairs", type=Path, required=True, help="folder with train.parquet and eval.parquet"
     )
     parser.add_argument("--out", type=Path, required=True, help="output parquet (schema.REF_LOGPS)")
+    parser.add_argument("--metrics", type=Path, help="metrics json (pairs, tokens, truncation, seconds)")
     args = parser.parse_args()
     params = load_section("ref_logps")
     dpo = load_section("dpo")  # reads dpo.max_length, dpo.max_prompt_length, dpo.dtype and dpo.peft.*
     policy = Numerics.of_policy(dpo.dtype, dpo.peft.enabled, dpo.peft.load_in_4bit)  # how dpo computes
-    run_ref_logps(args.model, args.pairs, args.out, params, dpo.max_length, dpo.max_prompt_length, policy)
+    run_ref_logps(
+        args.model, args.pairs, args.out, params, dpo.max_length, dpo.max_prompt_length, args.metrics, policy
+    )
 
 
 if __name__ == "__main__":

@@ -561,7 +561,8 @@ def test_a_100k_token_completion_is_cut_to_max_length_and_counted():
 
 
 def test_a_prompt_longer_than_max_length_is_cut_and_counted():
-    """SFT keeps the prompt's end and at least one answer token; DPO caps the prompt at max_prompt_length."""
+    """SFT cuts the prompt inside its user turn and keeps the whole short answer; DPO caps the prompt at
+    max_prompt_length (tests/test_truncation.py checks the template stays whole)."""
     tokenizer = tiny_tokenizer()
     long_prompt = [{"role": "user", "content": "word " * 500}]
     row = {
@@ -572,9 +573,12 @@ def test_a_prompt_longer_than_max_length_is_cut_and_counted():
     }
     data = encode_rows(tokenizer, [row], 64)
     example = data.examples[0]
-    assert (data.truncated, len(example.input_ids), example.prompt_len) == (1, 64, 63)
+    answer = encode_rows(tokenizer, [{**row, "prompt": USER}], 64).examples[0]
+    answer_len = len(answer.input_ids) - answer.prompt_len
+    assert (data.truncated, data.truncation.prompt) == (1, 1)
+    assert len(example.input_ids) <= 64 and len(example.input_ids) - example.prompt_len == answer_len
     pair = encode_pair(tokenizer, {**_pair_row(), "prompt": long_prompt}, 64, 32)
-    assert len(pair.chosen.prompt_ids) == 32 and pair.chosen.completion_ids[-1] == tokenizer.eos_token_id
+    assert len(pair.chosen.prompt_ids) <= 32 and pair.chosen.completion_ids[-1] == tokenizer.eos_token_id
 
 
 def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path, tiny_model_dir):

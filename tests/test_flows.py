@@ -236,8 +236,8 @@ def test_plan_changes_keeps_keys_left_as_the_form_showed_them():
     """params.yaml moved on (beta 0.1 -> 0.5) after the form was rendered: only the edit is written."""
     baseline = Params().model_dump(mode="json")
     current = Params(dpo=DpoParams(beta=0.5)).model_dump(mode="json")
-    form = DpoParams.model_validate({**baseline["dpo"], "epochs": 3})
-    assert plan_changes({"dpo": form}, current, baseline) == [Change("dpo.epochs", 1, 3)]
+    form = DpoParams.model_validate({**baseline["dpo"], "epochs": 2})
+    assert plan_changes({"dpo": form}, current, baseline) == [Change("dpo.epochs", 3, 2)]
 
 
 def test_form_baseline_for_null_sections_is_the_models_defaults_only_for_a_full_form():
@@ -246,13 +246,13 @@ def test_form_baseline_for_null_sections_is_the_models_defaults_only_for_a_full_
     full = DpoParams.model_validate(
         {**DpoParams().model_dump(mode="json"), "beta": 0.2}
     )  # defaults + one edit
-    partial = DpoParams(learning_rate=1e-4)  # the CLI asking for the default value explicitly
+    partial = DpoParams(learning_rate=3e-5)  # the CLI asking for the default value explicitly
     assert form_baseline(None, {"dpo": full}) is None
     assert form_baseline({"dpo": current["dpo"]}, {"dpo": partial}) == {"dpo": current["dpo"]}
     baseline = form_baseline({"dpo": None}, {"dpo": full, "sft": None})
     assert plan_changes({"dpo": full}, current, baseline) == [Change("dpo.beta", 0.1, 0.2)]  # lr 5e-6 kept
     baseline = form_baseline({"dpo": None}, {"dpo": partial})
-    assert plan_changes({"dpo": partial}, current, baseline) == [Change("dpo.learning_rate", 5e-6, 1e-4)]
+    assert plan_changes({"dpo": partial}, current, baseline) == [Change("dpo.learning_rate", 5e-6, 3e-5)]
 
 
 def test_render_params_keeps_every_other_byte_of_the_real_params_yaml():

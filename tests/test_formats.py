@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignpipe import schema
-from alignpipe.data.errors import DataError, Where
-from alignpipe.data.formats import (
+from alignpipe.data.convert import (
     convert,
     extract_prompt,
     hh_to_messages,
@@ -21,6 +20,7 @@ from alignpipe.data.formats import (
     to_prompt_row,
     to_sft_row,
 )
+from alignpipe.data.errors import DataError, Where
 
 WHERE = Where("data/train.jsonl", 7, "line")
 

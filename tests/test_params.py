@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,43 @@ def test_params_yaml_covers_every_model_field():
                 walk(nested, values[name], f"{prefix}.{name}")
 
     walk(Params, data, "params")
+
+
+def test_model_defaults_equal_params_yaml():
+    """params.yaml is the embedded default users run: every model default equals its value there."""
+    data = yaml.safe_load(PARAMS.read_text())
+    diffs: list[str] = []
+
+    def walk(model: BaseModel, values: dict, prefix: str) -> None:
+        if set(values) != set(type(model).model_fields):
+            diffs.append(f"{prefix}: keys {sorted(values)} != fields {sorted(type(model).model_fields)}")
+        for name in type(model).model_fields:
+            default, key = getattr(model, name), f"{prefix}.{name}"
+            if isinstance(default, BaseModel):
+                walk(default, values.get(name) or {}, key)
+            elif name in values and (values[name] != default or type(values[name]) is not type(default)):
+                diffs.append(f"{key}: params.py {default!r} != params.yaml {values[name]!r}")
+
+    walk(Params(), data, "params")
+    assert not diffs, "\n".join(diffs)
+
+
+def _section_models(model: type[BaseModel] = Params) -> set[type[BaseModel]]:
+    found = {model}
+    for field in model.model_fields.values():
+        for candidate in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                found |= _section_models(candidate)
+    return found
+
+
+def test_every_field_has_a_description():
+    """The Prefect form and the stages' --help show these; a bare key tells a user nothing."""
+    models = _section_models()
+    assert len(models) == 13  # Params, its 9 sections, BuiltinSizes, SourceParams, PeftParams
+    missing = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items()
+               if not f.description or len(f.description) < 15]  # fmt: skip
+    assert not missing, missing
 
 
 def test_every_params_yaml_key_has_a_comment():

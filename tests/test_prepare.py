@@ -74,7 +74,12 @@ def test_drop_mode_counts_in_metrics(tmp_path):
     metrics = prepare(
         small_params(on_invalid="drop", sft={"source": str(src)}), tmp_path / "o", tmp_path / "m.json"
     )
-    assert metrics["sft"] == {"source": str(src), "rows": 1, "dropped": {"empty_completion": 1}}
+    assert metrics["sft"] == {
+        "source": str(src),
+        "format": "trl",
+        "rows": 1,
+        "dropped": {"empty_completion": 1},
+    }
 
 
 def test_max_rows_and_unknown_builtin(tmp_path):

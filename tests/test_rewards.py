@@ -15,7 +15,7 @@ from alignpipe.generate import MANIFEST, write_chunk
 from alignpipe.io import read_json, read_parquet, write_json, write_parquet
 from alignpipe.params import RewardParams
 from alignpipe.rewards import RewardError, RewardResult, get_reward, score_completions
-from alignpipe.rewards.hf import HFReward, pooling_pad_id, truncate_keep_end
+from alignpipe.rewards.hf import HFReward, pooling_pad_id
 from alignpipe.runtime import ModelFolderError
 from alignpipe.score import score, score_metrics
 from alignpipe.testing import tiny_config, tiny_tokenizer
@@ -72,7 +72,7 @@ def test_hf_renders_with_its_own_template_and_matches_a_hand_forward(plain_rm_di
     rm = HFReward(str(plain_rm_dir), batch_size=4, device=torch.device("cpu"))
     expected, ids = reference_score(plain_rm_dir, USER, "blue", PLAIN_TEMPLATE)
     assert rm.tokenizer.decode(ids) == "USER: Describe the ocean.<|im_end|>ASSISTANT: blue<|im_end|>"
-    assert rm.encode(USER, "blue") == (ids, False)
+    assert rm.encode(USER, "blue") == (ids, None)
     assert ids[-1] == rm.pad_id  # ends on the pad id: pooling must still read the last token
     (result,) = rm.score([USER], ["blue"], [None])
     assert result.reward == pytest.approx(expected, abs=1e-5)
@@ -91,29 +91,27 @@ def test_hf_batched_equals_one_by_one(fixture, request):
     assert len(lengths) >= 4  # batches really hold padding
 
 
-def test_hf_truncation_keeps_the_end_and_is_counted(rm_dir):
+def test_hf_truncation_cuts_the_prompt_text_keeps_the_template_and_is_counted(rm_dir):
     uncut = HFReward(str(rm_dir), device=torch.device("cpu"))
     full, short = uncut.encode(USER, COMPLETIONS[1])[0], uncut.encode(USER, "a")[0]
-    n = len(short)  # the short conversation fits exactly, the long one does not
-    assert len(full) > n and full[0] == uncut.tokenizer.bos_token_id  # the tiny BOS is <|im_start|>
+    n = len(full) - 2  # the short conversation fits, the long one once its prompt lost two tokens' text
+    assert len(short) <= n
     rm = HFReward(str(rm_dir), max_length=n, device=torch.device("cpu"))
-    assert rm.encode(USER, COMPLETIONS[1]) == (full[:1] + full[len(full) - n + 1 :], True)
+    ids, part = rm.encode(USER, COMPLETIONS[1])
+    text = rm.tokenizer.decode(ids)
+    assert part == "prompt" and len(ids) <= n
+    assert text.startswith("<|im_start|>user\n") and text.endswith(
+        f"<|im_start|>assistant\n{COMPLETIONS[1]}<|im_end|>\n"
+    )
     results = rm.score([USER, USER], [COMPLETIONS[1], "a"], [None, None])
     assert [r.details for r in results] == [
-        {"tokens": n, "truncated": True},
-        {"tokens": n, "truncated": False},
+        {"tokens": len(ids), "truncated": True, "truncated_part": "prompt"},
+        {"tokens": len(short), "truncated": False},
     ]
-    assert results[0].reward == pytest.approx(rm.forward([full[:1] + full[len(full) - n + 1 :]])[0], abs=1e-6)
-    assert score_metrics("hf", [{"prompt_id": "p"}] * 2, results)["truncated"] == 1
-    assert results[0].reward != pytest.approx(
-        uncut.score([USER], [COMPLETIONS[1]], [None])[0].reward, abs=1e-4
-    )
-
-
-def test_truncate_keep_end_keeps_bos():
-    assert truncate_keep_end([1, 5, 6, 7, 8], 3, bos_id=1) == ([1, 7, 8], True)
-    assert truncate_keep_end([9, 5, 6, 7, 8], 3, bos_id=1) == ([6, 7, 8], True)
-    assert truncate_keep_end([1, 5], 3, bos_id=1) == ([1, 5], False)
+    assert results[0].reward == pytest.approx(rm.forward([ids])[0], abs=1e-6)
+    metrics = score_metrics("hf", [{"prompt_id": "p"}] * 2, results)
+    assert metrics["truncated"] == 1
+    assert metrics["truncation"] == {"rows": 2, "prompt": 1, "completion": 0, "both": 0}
 
 
 def test_pooling_pad_id():

@@ -26,10 +26,12 @@ from alignpipe.chat import require_chat_template
 from alignpipe.cli import Timer
 from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
 from alignpipe.logprobs import (
+    DPO_LENGTH_KEYS,
     CompletionScorer,
     Numerics,
     PairLogps,
     collate_pairs,
+    count_truncation,
     load_model,
     load_reference,
     pack_row_tokens,
@@ -378,7 +380,11 @@ def run_dpo(
     if found and acc.is_main_process:
         print(f"dpo: resuming from {found} (step {start} of {run.total_steps})", flush=True)
     log = MetricsLog(metrics_dir, acc.is_main_process, resume_step=start)
+    truncation = count_truncation(run.train.pairs + (run.eval.pairs if run.eval else []))
+    if acc.is_main_process:
+        truncation.warn("dpo", "pairs", DPO_LENGTH_KEYS)
     summary = train(run, start, log, checkpoints, fp)
+    summary["truncation"] = truncation.as_dict()  # pairs cut, by what was cut (prompt, completion, both)
     state = acc.get_state_dict(run.scorer)
     if acc.is_main_process:
         policy = acc.unwrap_model(run.scorer).model

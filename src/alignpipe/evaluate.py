@@ -36,10 +36,17 @@ from typing import Any
 import torch
 
 from alignpipe import schema
-from alignpipe.chat import Encoded, Message, encode_completion
+from alignpipe.chat import Encoded, Message, Truncation, TruncationError, encode_completion
 from alignpipe.cli import Timer
 from alignpipe.io import ArtifactError, read_parquet
-from alignpipe.logprobs import CompletionScorer, EncodedPair, load_reference, reference_logps
+from alignpipe.logprobs import (
+    DPO_LENGTH_KEYS,
+    CompletionScorer,
+    EncodedPair,
+    count_truncation,
+    load_reference,
+    reference_logps,
+)
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 from alignpipe.runtime import load_tokenizer, pick_device
 
@@ -118,6 +125,7 @@ class EvalResult:
     pairs: PairsResult
     beta: float  # dpo.beta, the scale of the implicit rewards
     seconds: dict[str, float] = field(default_factory=dict)
+    truncation: dict[str, dict[str, int]] = field(default_factory=dict)  # "answers"/"pairs": Truncation
 
 
 def primary_family(meta: str | None) -> str | None:
@@ -189,19 +197,31 @@ def encode_answers(
     answers: Sequence[Answer],
     max_length: int,
     max_prompt_length: int,
+    counts: Truncation | None = None,
 ) -> list[Encoded]:
-    """Answers as (prompt, completion) tokens; one cut at max_new_tokens keeps no EOS (none was sampled)."""
+    """Answers as (prompt, completion) tokens; one cut at max_new_tokens keeps no EOS (none was sampled).
+
+    ``counts``: what dpo.max_length / dpo.max_prompt_length cut is added to it, per answer.
+    """
     encoded = []
     for prompt, answer in zip(prompts, answers, strict=True):
-        enc = encode_completion(
-            tokenizer,
-            prompt,
-            [{"role": "assistant", "content": answer.completion}],
-            max_length,
-            max_prompt_length,
-        )
-        if answer.finish_reason == "length" and not enc.truncated and enc.completion_ids:
-            enc = Encoded(enc.prompt_ids, enc.completion_ids[:-1], enc.truncated)
+        try:
+            enc = encode_completion(
+                tokenizer,
+                prompt,
+                [{"role": "assistant", "content": answer.completion}],
+                max_length,
+                max_prompt_length,
+            )
+        except TruncationError as exc:
+            raise ValueError(
+                f"evaluate: answer (prompt_id={answer.prompt_id}, sample_idx={answer.sample_idx}): {exc} "
+                f"(dpo.max_length={max_length}, dpo.max_prompt_length={max_prompt_length}; raise them)"
+            ) from None
+        if answer.finish_reason == "length" and not enc.completion_cut and len(enc.completion_ids) > 1:
+            enc = Encoded(enc.prompt_ids, enc.completion_ids[:-1], enc.prompt_cut, enc.completion_cut)
+        if counts is not None:
+            counts.count(enc.prompt_cut, enc.completion_cut)
         encoded.append(enc)
     return encoded
 
@@ -275,7 +295,7 @@ def score_answers(
     """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward."""
     from dataclasses import replace
 
-    from alignpipe.rewards import get_reward, score_completions
+    from alignpipe.rewards import get_reward, reward_truncation, score_completions
 
     by_id = {p.prompt_id: p for p in prompts}
     flat = [(model, a) for model, rows in answers.items() for a in rows]
@@ -291,6 +311,7 @@ def score_answers(
         )
     finally:
         reward.close()
+    reward_truncation(results).warn("evaluate", "answers scored by the reward model", "reward.max_length")
     builtin = reward_params.kind == "builtin"
     scored: dict[str, list[Answer]] = {m: [] for m in answers}
     for (model, a), res in zip(flat, results, strict=True):
@@ -308,18 +329,27 @@ def policy_logps(
     ref_logps_path: str | os.PathLike,
     params: EvaluateParams,
     dpo: DpoParams,
+    truncation: dict[str, Truncation] | None = None,
 ) -> tuple[Estimate, PairsResult]:
-    """KL(dpo || sft) on DPO's answers, and the DPO implicit-reward accuracy on the eval pairs."""
+    """KL(dpo || sft) on DPO's answers, and the DPO implicit-reward accuracy on the eval pairs.
+
+    ``truncation`` gets what dpo.max_length / dpo.max_prompt_length cut: "answers" and "pairs".
+    """
     from alignpipe.dpo_data import join_ref_logps, read_pairs
 
     by_id = {p.prompt_id: p.prompt for p in prompts}
     answer_prompts = [by_id[a.prompt_id] for a in dpo_answers]
     timer = Timer("evaluate: log-probs")
     logps: dict[str, list[float]] = {}
+    answer_counts = Truncation()
     with loaded_scorer(dpo_dir, params.dtype) as (tokenizer, scorer):
-        seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
+        seqs = encode_answers(
+            tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length, answer_counts
+        )
         logps["dpo"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps dpo")
         pairs = read_pairs(Path(pairs_path), tokenizer, dpo.max_length, dpo.max_prompt_length)
+        if truncation is not None:
+            truncation.update(answers=answer_counts, pairs=count_truncation(pairs))
         ref_rows = {r["pair_id"]: r for r in read_parquet(ref_logps_path, schema.REF_LOGPS)}
         joined = join_ref_logps(pairs, ref_rows, where=str(ref_logps_path))
         chosen, rejected = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
@@ -360,8 +390,11 @@ def run_evaluate(
     labels = [m for m in MODELS if m != "base" or params.include_base]
     answers = {m: generate_answers(models[m], prompts, params, m) for m in labels}
     answers, reward_name = score_answers(reward_params, prompts, answers)
+    truncation: dict[str, Truncation] = {}
     kl, pairs = policy_logps(models["dpo"], models["sft"], prompts, answers["dpo"], pairs_path, ref_logps_path,
-                             params, dpo)  # fmt: skip
+                             params, dpo, truncation)  # fmt: skip
+    for what, counts in truncation.items():
+        counts.warn("evaluate", f"eval {what}", DPO_LENGTH_KEYS)
     result = EvalResult(
         params=params,
         reward_name=reward_name,
@@ -374,6 +407,7 @@ def run_evaluate(
         pairs=pairs,
         beta=dpo.beta,
         seconds={"total": round(total.seconds, 1)},
+        truncation={what: counts.as_dict() for what, counts in truncation.items()},
     )
     metrics = eval_metrics(result)
     write_reports(result, metrics, Path(out_dir), curves or {})

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alignpipe import schema
 from alignpipe.attention import Segments, common_prefix, enable_shared_prompt
-from alignpipe.chat import ChatTemplateError, Encoded, encode_completion
+from alignpipe.chat import ChatTemplateError, Encoded, Truncation, TruncationError, encode_completion
 from alignpipe.io import read_parquet
 
 # Logits held at once per chunk: 2**26 floats = 256 MiB in float32 (1365 tokens of a 49k vocabulary).
@@ -82,6 +82,11 @@ def encode_pair(
         )
     except ChatTemplateError as exc:
         raise PairDataError(f"{where}: {exc}") from None
+    except TruncationError as exc:
+        raise PairDataError(
+            f"{where}: {exc} (dpo.max_length={max_length}, dpo.max_prompt_length={max_prompt_length}; "
+            "raise dpo.max_prompt_length)"
+        ) from None
     if not chosen.prompt_ids:
         raise PairDataError(f"{where}: field 'prompt': renders to no tokens (nothing predicts the answer)")
     return EncodedPair(pair_id, chosen, rejected)
@@ -91,6 +96,20 @@ def encode_pairs(
     tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int, max_prompt_length: int, where: str
 ) -> list[EncodedPair]:
     return [encode_pair(tokenizer, row, max_length, max_prompt_length, where) for row in rows]
+
+
+def count_truncation(pairs: Sequence[EncodedPair]) -> Truncation:
+    """Pairs cut to dpo.max_length / dpo.max_prompt_length: their prompt, a completion, or both."""
+    counts = Truncation()
+    for pair in pairs:
+        counts.count(
+            pair.chosen.prompt_cut or pair.rejected.prompt_cut,
+            pair.chosen.completion_cut or pair.rejected.completion_cut,
+        )
+    return counts
+
+
+DPO_LENGTH_KEYS = "dpo.max_length / dpo.max_prompt_length"
 
 
 def read_pairs(path: Path, tokenizer: Any, max_length: int, max_prompt_length: int) -> list[EncodedPair]:

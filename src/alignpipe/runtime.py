@@ -78,10 +78,41 @@ def check_model_folder(path: str | os.PathLike, what: str = "model") -> Path:
     return path
 
 
+# What transformers builds a tokenizer from: a `tokenizers` file, a sentencepiece model, BPE or
+# WordPiece vocabularies, or a tiktoken file.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json", "vocab.txt", "tiktoken.model")  # fmt: skip
+
+
+def check_tokenizer_folder(path: str | os.PathLike, what: str = "model") -> Path:
+    """Fail clearly if the local folder ``path`` holds no tokenizer files (transformers would say
+    "install sentencepiece or tiktoken", naming no folder)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"{path}: {what} folder missing (run the stage that writes it)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise ModelFolderError(
+            f"{path}: no tokenizer files in the {what} folder (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer next to the weights (tokenizer.save_pretrained)"
+        )
+    return path
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model folder (or hub id); a local folder without one fails naming it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    local = Path(path).is_dir()
+    if local:
+        check_tokenizer_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if not local:
+            raise
+        raise ModelFolderError(
+            f"{path}: cannot load the tokenizer ({' '.join(str(exc).split())[:300]})"
+        ) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ModelFolderError(f"{path}: the tokenizer has neither a pad token nor an EOS token")

@@ -21,7 +21,7 @@ from alignpipe.cli import Timer
 from alignpipe.generate import read_generations
 from alignpipe.io import ArtifactError, read_parquet, write_json, write_parquet
 from alignpipe.params import RewardParams
-from alignpipe.rewards import Reward, RewardResult, get_reward, score_completions
+from alignpipe.rewards import Reward, RewardResult, get_reward, reward_truncation, score_completions
 
 
 def score_rows(
@@ -58,12 +58,13 @@ def score_metrics(
         "reward_min": min(rewards),
         "reward_max": max(rewards),
         "truncated": sum(bool(r.details.get("truncated")) for r in results),
+        "truncation": reward_truncation(results).as_dict(),  # by what was cut: prompt, completion, both
     }
     passed: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     for res in results:
         for key, value in res.details.items():
-            if key != "truncated" and isinstance(value, bool):
+            if key not in ("truncated", "truncated_part") and isinstance(value, bool):
                 seen[key] += 1
                 passed[key] += value
     if seen:
@@ -104,4 +105,5 @@ def score(
         print(
             f"score: {metrics['truncated']} conversation(s) cut to reward.max_length={params.max_length} tokens"
         )
+    reward_truncation(results).warn("score", "conversations", "reward.max_length")
     return metrics

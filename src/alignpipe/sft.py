@@ -54,7 +54,9 @@ from alignpipe.sft_data import (
     encode_rows,
     fingerprint,
     resume_point,
+    warn_length_costs,
 )
+from alignpipe.training import NonFiniteError
 
 # DVCLive names of the Trainer's log keys (reports/sft/plots/metrics/train/*.tsv).
 LIVE_METRICS = {
@@ -92,20 +94,23 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
     rows = read_parquet(paths.data, SFT)
     data = encode_rows(tokenizer, rows, params.max_length, params.truncation, where=str(paths.data))
     args = training_arguments(params, paths.checkpoints)
+    if args.should_save:
+        warn_length_costs(data, params.max_length)
     with args.main_process_first(local=False, desc="sft checkpoints"):
         resume = resume_point(
             paths.checkpoints, fingerprint(params, paths.data, paths.model, args.world_size), args.should_save
         )
-    live = LiveCallback(paths.metrics_dir)
+    live, stop = LiveCallback(paths.metrics_dir), NonFiniteStop()
     trainer = _SftTrainer(
         model=build_model(params, paths.model),
         args=args,
         train_dataset=SftDataset(data.examples),
         data_collator=collator(params, tokenizer.pad_token_id, trim_logits=args.n_gpu <= 1),
-        callbacks=[live, *callbacks],
+        callbacks=[live, stop, *callbacks],
         sampler=LengthGroupedSampler(
             [len(e.input_ids) for e in data.examples], params.batch_size * args.world_size, params.seed
         ),  # global batches: the processes split each one, so N x B/N sees what 1 x B sees
+        non_finite=stop,
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
@@ -121,10 +126,17 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
 
 
 def collator(params: SftParams, pad_token_id: int, trim_logits: bool = True) -> Callable[[list], dict]:
-    """Packed or padded batches; ``trim_logits`` off under ``torch.nn.DataParallel`` (it splits every tensor)."""
+    """Packed or padded batches, with the ``row_ids`` they hold (named if they go non-finite);
+    ``trim_logits`` off under ``torch.nn.DataParallel`` (it splits every tensor)."""
     if params.packing:
-        return partial(collate_packed, trim_logits=trim_logits)
-    return partial(collate_padded, pad_token_id=pad_token_id, trim_logits=trim_logits)
+        collate = partial(collate_packed, trim_logits=trim_logits)
+    else:
+        collate = partial(collate_padded, pad_token_id=pad_token_id, trim_logits=trim_logits)
+    return partial(_with_row_ids, collate)
+
+
+def _with_row_ids(collate: Callable[[list], dict], features: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**collate(features), "row_ids": [f.get("row_id", "") for f in features]}
 
 
 def check_settings(params: SftParams) -> None:
@@ -163,6 +175,7 @@ def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArgument
         seed=params.seed,
         data_seed=params.seed,
         report_to="none",
+        logging_nan_inf_filter=False,  # a NaN loss stays NaN in the log (NonFiniteStop stops the run anyway)
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -172,14 +185,77 @@ def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArgument
 
 
 class _SftTrainer(Trainer):
-    """The Trainer with a length-grouped, resumable batch order."""
+    """The Trainer with a length-grouped, resumable batch order, whose losses NonFiniteStop sees."""
 
-    def __init__(self, *args: Any, sampler: LengthGroupedSampler, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, sampler: LengthGroupedSampler, non_finite: NonFiniteStop, **kwargs: Any
+    ) -> None:
         self._length_sampler = sampler
+        self._non_finite = non_finite
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> LengthGroupedSampler:
         return self._length_sampler
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        row_ids = inputs.pop("row_ids", [])
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        if model.training:
+            self._non_finite.record(out[0] if isinstance(out, tuple) else out, row_ids)
+        return out
+
+
+class NonFiniteStop(TrainerCallback):
+    """Stops SFT before the optimizer step on a NaN/inf loss or gradient, naming the step and rows.
+
+    The micro-batch losses of a step are recorded as device tensors (no sync); before the optimizer
+    step they and the gradients' finiteness are checked once, summed over processes so every rank
+    stops together. The weights and the last checkpoint are those of the last good step.
+    """
+
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []
+        self._rows: list[list[str]] = []
+
+    def record(self, loss: torch.Tensor, row_ids: Sequence[str]) -> None:
+        self._losses.append(loss.detach().float().sum().reshape(1))
+        self._rows.append(list(row_ids))
+
+    def on_pre_optimizer_step(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
+        losses, rows = self._losses, self._rows
+        self._losses, self._rows = [], []
+        if not losses or model is None:
+            return
+        bad_loss = ~torch.isfinite(torch.cat(losses))
+        flags = torch.stack([bad_loss.any().float(), self._bad_gradient(args, model).to(bad_loss.device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags)
+        if not bool(flags.any()):
+            return
+        named = [r for r, bad in zip(rows, bad_loss.tolist(), strict=True) if bad] or rows
+        ids = ", ".join(i for batch in named for i in batch) or "(on another process)"
+        what = "loss" if bool(flags[0]) else "gradient"
+        raise NonFiniteError(
+            f"sft: non-finite {what} at step {state.global_step + 1}; batch rows: {ids} "
+            f"(weights and checkpoints stay at step {state.global_step})"
+        )
+
+    @staticmethod
+    def _bad_gradient(args: Any, model: Any) -> torch.Tensor:
+        """1.0 if some gradient element (of this process's shard) is NaN/inf, else 0.0: one sum per
+        tensor (a NaN or inf anywhere makes it non-finite), no element-wise mask. On SmolLM2-135M's
+        shapes it took 34 ms on 2 CPU cores (AMD EPYC), about 1% of an SFT step of the default.
+
+        fp16: the grad scaler skips steps with inf gradients and lowers its scale; that is not divergence.
+        """
+        grads = [] if args.fp16 else [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 DTensor shards
+        if not grads:
+            return torch.zeros(())
+        total = torch.stack([g.sum() for g in grads]).float().sum()
+        return (~torch.isfinite(total)).float()
 
 
 def build_model(params: SftParams, model_dir: Path) -> Any:
@@ -333,12 +409,16 @@ def summarize(
     begin_tokens: int,
     resumed_from: str | None,
 ) -> dict[str, Any]:
-    """``reports/sft/metrics.json``: loss, steps, tokens, what max_length cost, time, throughput."""
-    losses = [e["loss"] for e in state.log_history if "loss" in e and math.isfinite(e["loss"])]
+    """``reports/sft/metrics.json``: loss, steps, tokens, what max_length cost, time, throughput.
+
+    A non-finite logged loss stays visible: the losses then read ``"nan"``/``"inf"`` (JSON has no NaN).
+    """
+    losses = [float(e["loss"]) for e in state.log_history if "loss" in e]
     return {
         "enabled": True,
-        "train_loss": round(sum(losses) / len(losses), 4) if losses else None,  # mean of the logged losses
-        "final_loss": round(losses[-1], 4) if losses else None,
+        "train_loss": _number(sum(losses) / len(losses)) if losses else None,  # mean of the logged losses
+        "final_loss": _number(losses[-1]) if losses else None,
+        "non_finite_losses": sum(not math.isfinite(x) for x in losses),
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 3),
         "rows": data.rows,
@@ -346,6 +426,7 @@ def summarize(
         "tokens": state.num_input_tokens_seen,  # prompt + completion tokens trained through, whole run
         "completion_tokens_per_epoch": data.completion_tokens,
         "truncated": data.truncated,
+        "truncation": data.truncation.as_dict(),  # rows cut, by what was cut (prompt, completion, both)
         "dropped": data.dropped,
         "wall_seconds": round(wall_seconds, 1),
         "tokens_per_second": round(
@@ -353,3 +434,8 @@ def summarize(
         ),
         "resumed_from_step": checkpoint_step(resumed_from) if resumed_from else None,
     }
+
+
+def _number(value: float) -> float | str:
+    """``value`` rounded, or its name (``"nan"``, ``"inf"``) when not finite, so it stays visible."""
+    return round(value, 4) if math.isfinite(value) else str(value)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from alignpipe.chat import ChatTemplateError, encode_completion
+from alignpipe.chat import WARN_FRACTION, ChatTemplateError, Truncation, TruncationError, encode_completion
 from alignpipe.io import write_json
 from alignpipe.params import SftParams
 
@@ -52,6 +53,7 @@ class SftExample:
 
     input_ids: list[int]
     prompt_len: int
+    row_id: str = ""  # the row's id (or "row <i>"): named when a batch goes non-finite
 
     @property
     def labels(self) -> list[int]:
@@ -64,8 +66,13 @@ class SftData:
 
     examples: list[SftExample] = field(default_factory=list)
     rows: int = 0
-    truncated: int = 0  # sequences cut to max_length (sft.truncation: truncate)
+    truncation: Truncation = field(default_factory=Truncation)  # rows cut to max_length, by what was cut
     dropped: int = 0  # sequences left out for being longer than max_length (sft.truncation: drop)
+
+    @property
+    def truncated(self) -> int:
+        """Sequences cut to max_length (sft.truncation: truncate)."""
+        return self.truncation.cut
 
     @property
     def tokens(self) -> int:
@@ -85,8 +92,9 @@ def encode_rows(
 ) -> SftData:
     """Tokenize SFT rows (schema ``alignpipe.schema.SFT``) into training examples.
 
-    A sequence longer than ``max_length`` is cut (prompt start first, then the
-    completion end, see ``encode_completion``) or dropped; both are counted.
+    A sequence longer than ``max_length`` is cut (the prompt inside its first user turn, as far as
+    needed to leave the completion ``min(its length, max_length // 2)`` tokens, then the
+    completion's end; see ``encode_completion``) or dropped; both are counted.
     """
     if not rows:
         raise SftDataError(f"{where}: no rows, nothing to train on")
@@ -102,16 +110,34 @@ def encode_rows(
                     data.dropped += 1
                     continue
                 enc = encode_completion(tokenizer, row["prompt"], row["completion"], max_length=max_length)
-                data.truncated += 1
+        except TruncationError as exc:
+            raise SftDataError(
+                f"{where}: row {i} (id {row.get('id')!r}): {exc} (sft.max_length={max_length}; raise it)"
+            ) from None
         except (ChatTemplateError, KeyError, TypeError) as exc:
             raise SftDataError(f"{where}: row {i} (id {row.get('id')!r}): {exc}") from None
-        data.examples.append(SftExample(enc.input_ids, len(enc.prompt_ids)))
+        data.truncation.count(enc.prompt_cut, enc.completion_cut)
+        row_id = str(row["id"]) if row.get("id") is not None else f"row {i}"
+        data.examples.append(SftExample(enc.input_ids, len(enc.prompt_ids), row_id))
     if not data.examples:
         raise SftDataError(
             f"{where}: all {data.rows} rows are longer than sft.max_length={max_length} and were dropped; "
             "raise sft.max_length or set sft.truncation: truncate"
         )
     return data
+
+
+def warn_length_costs(data: SftData, max_length: int) -> list[str]:
+    """One ``warning:`` line each (stderr) when more than WARN_FRACTION of the rows were cut or dropped."""
+    lines = [line for line in [data.truncation.warn("sft", "rows", "sft.max_length")] if line]
+    if data.rows and data.dropped > WARN_FRACTION * data.rows:
+        line = (
+            f"warning: sft: {data.dropped} of {data.rows} rows dropped as longer than sft.max_length={max_length} "
+            "(sft.truncation: drop); raise sft.max_length to keep them"
+        )
+        print(line, file=sys.stderr, flush=True)
+        lines.append(line)
+    return lines
 
 
 class SftDataset(Dataset):
@@ -123,9 +149,9 @@ class SftDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         example = self.examples[i]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        return {"input_ids": example.input_ids, "labels": example.labels, "row_id": example.row_id}
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -2,7 +2,8 @@
 
 Accepted sources:
 
-- a local file, chosen by extension: ``.jsonl`` (one JSON object a line), ``.json``
+- a local file, chosen by extension: ``.jsonl`` (one JSON object a line; ``.jsonl.gz``
+  gzipped, as OpenAssistant ships its exports), ``.json``
   (a list of objects, ``{"data": [...]}`` or a dict of equal-length columns),
   ``.parquet``, ``.csv`` (a header row; every value is a string);
 - ``hf:<name>[:<config>]@<split>``, loaded with ``datasets.load_dataset`` (needs a
@@ -18,6 +19,7 @@ failure is a :class:`DataError` naming the source; no json/pyarrow traceback lea
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import re
@@ -32,11 +34,11 @@ from alignpipe.data.errors import DataError, Unit, type_name
 
 Record = dict[str, Any]
 ACCEPTED = (
-    "a local .jsonl, .json, .parquet or .csv file, 'hf:<name>[:<config>]@<split>' "
+    "a local .jsonl, .json, .parquet or .csv file (or .jsonl.gz), 'hf:<name>[:<config>]@<split>' "
     "(e.g. 'hf:Anthropic/hh-rlhf@test') or 'builtin:<task>'"
 )
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-_LINE_SUFFIXES = (".jsonl", ".csv")
+_LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".csv")
 # csv's default cap (128 KiB a field) is too small for long conversations.
 _CSV_FIELD_LIMIT = 2**31 - 1
 
@@ -98,7 +100,8 @@ def read_source(source: str, base_dir: Path | None = None) -> Iterator[tuple[int
         raise DataError(
             f"unknown scheme {scheme.group(1)!r}; expected {ACCEPTED}", file=source, reason="bad_source"
         )
-    reader = _READERS.get(path.suffix.lower())
+    suffix = ".jsonl.gz" if path.name.lower().endswith(".jsonl.gz") else path.suffix.lower()
+    reader = _READERS.get(suffix)
     if reader is None:
         ext = f"extension {path.suffix!r}" if path.suffix else "no extension"
         raise DataError(f"unsupported file ({ext}); expected {ACCEPTED}", file=source, reason="bad_source")
@@ -136,13 +139,17 @@ def _decode(data: bytes, name: str, line: int | None = None) -> str:
 
 
 def _read_jsonl(path: Path, name: str) -> Iterator[tuple[int, Record]]:
-    """One JSON object a line; blank lines are skipped."""
+    """One JSON object a line; blank lines are skipped. ``.jsonl.gz`` (as OpenAssistant ships) is unzipped."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        handle = path.open("rb")
+        handle = opener(path, "rb")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
         raise DataError(f"cannot read file ({exc.strerror or exc})", file=name, reason="unreadable") from None
     with handle:
-        yield from _jsonl_records(handle, name)
+        try:
+            yield from _jsonl_records(handle, name)  # type: ignore[arg-type]
+        except (OSError, EOFError) as exc:  # a corrupt or cut .gz
+            raise DataError(f"cannot read file ({exc})", file=name, reason="unreadable") from None
 
 
 def _jsonl_records(handle: BinaryIO, name: str) -> Iterator[tuple[int, Record]]:
@@ -304,4 +311,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+_READERS = {
+    ".jsonl": _read_jsonl,
+    ".jsonl.gz": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}

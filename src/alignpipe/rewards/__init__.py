@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from alignpipe.chat import Message
+from alignpipe.chat import Message, Truncation
 from alignpipe.params import RewardParams
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "RewardResult",
     "check_finite",
     "get_reward",
+    "reward_truncation",
     "score_completions",
 ]
 
@@ -50,11 +51,21 @@ class RewardResult:
     """The reward of one completion and what went into it.
 
     ``details``: builtin, each constraint's pass/fail (``{"max_words": True, ...}``);
-    hf, ``{"tokens": int, "truncated": bool}``; python, ``{}``.
+    hf, ``{"tokens": int, "truncated": bool}`` (+ ``"truncated_part"``: prompt, completion or both);
+    python, ``{}``.
     """
 
     reward: float
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def reward_truncation(results: Sequence[RewardResult]) -> Truncation:
+    """Conversations a reward model cut to reward.max_length, by what was cut (details' truncated_part)."""
+    counts = Truncation()
+    for res in results:
+        part = res.details.get("truncated_part")
+        counts.count(part in ("prompt", "both"), part in ("completion", "both"))
+    return counts
 
 
 class Reward(Protocol):

@@ -5,9 +5,12 @@ template (not the policy's), tokenized without extra special tokens, and scored 
 sorted by length. The score is the head's output at the conversation's last token, the
 same whether a conversation is scored alone or padded in a batch.
 
-Truncation: a conversation longer than ``reward.max_length`` tokens keeps its end (the
-answer and the end of turn that the head reads) and its BOS, and loses the start of the
-prompt; each truncated conversation is flagged in its details and counted by the stage.
+Truncation never cuts through the reward model's template: a conversation longer than
+``reward.max_length`` tokens loses the start of its first user turn's text (earlier whole
+turns first, see :func:`alignpipe.chat.fit_prompt`); when emptying the prompt's user text is
+not enough, the completion loses its end, the template's end of turn (what the head reads)
+staying; a conversation whose template and system prompt alone exceed the limit is refused.
+What was cut (prompt, completion or both) is in each result's details and counted by the stage.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from alignpipe.chat import Message, encode_ids
+from alignpipe.chat import Message, encode_ids, fit_prompt, shorten_message
 from alignpipe.rewards import RewardError, RewardResult
 from alignpipe.runtime import check_model_folder, load_tokenizer, pick_device, resolve_dtype
 
@@ -50,18 +53,44 @@ class HFReward:
             text_config.pad_token_id = self.tokenizer.pad_token_id
         self.pad_id = int(text_config.pad_token_id)
 
-    def encode(self, prompt: list[Message], completion: str) -> tuple[list[int], bool]:
-        """Token ids of the conversation (truncated to ``max_length``) and whether it was cut."""
+    def encode(self, prompt: list[Message], completion: str) -> tuple[list[int], str | None]:
+        """Token ids of the conversation, cut to ``max_length`` inside its text (never its template),
+        and what was cut: None, ``"prompt"``, ``"completion"`` or ``"both"``."""
         conversation = [*prompt, {"role": "assistant", "content": completion}]
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False)
-        return truncate_keep_end(
-            encode_ids(self.tokenizer, text), self.max_length, self.tokenizer.bos_token_id
-        )
+        ids = self._ids(conversation)
+        if len(ids) <= self.max_length:
+            return ids, None
+        cut = fit_prompt(self._n_tokens, conversation, self.max_length)
+        if cut is not None:
+            return self._ids(cut), "prompt"
+        # even an empty user turn leaves no room: keep the system messages, cut the completion's end
+        minimal = [m for m in prompt if m.get("role") == "system"]
+        minimal += [{"role": "user", "content": ""}] if any(m.get("role") == "user" for m in prompt) else []
+        minimal.append(conversation[-1])
+        short = shorten_message(self._n_tokens, minimal, len(minimal) - 1, self.max_length, keep="start")
+        if short is None:
+            header = self._n_tokens([*minimal[:-1], {"role": "assistant", "content": ""}])
+            raise RewardError(
+                f"the reward model's chat template and the system prompt take {header} tokens: nothing of the "
+                f"completion is left within reward.max_length={self.max_length}; raise reward.max_length"
+            )
+        return self._ids(short), "both"
+
+    def _ids(self, conversation: list[Message]) -> list[int]:
+        return encode_ids(self.tokenizer, self.tokenizer.apply_chat_template(conversation, tokenize=False))
+
+    def _n_tokens(self, conversation: list[Message]) -> int:
+        return len(self._ids(conversation))
 
     def score(
         self, prompts: Sequence[list[Message]], completions: Sequence[str], metas: Sequence[str | None]
     ) -> list[RewardResult]:
-        encoded = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        encoded = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            try:
+                encoded.append(self.encode(prompt, completion))
+            except RewardError as exc:
+                raise RewardError(exc.message, index=i) from None
         order = sorted(
             range(len(encoded)), key=lambda i: -len(encoded[i][0])
         )  # longest first: OOM shows early
@@ -73,7 +102,10 @@ class HFReward:
                 scores.update(zip(batch, values, strict=True))
                 bar.update(len(batch))
         return [
-            RewardResult(scores[i], {"tokens": len(ids), "truncated": cut})
+            RewardResult(
+                scores[i],
+                {"tokens": len(ids), "truncated": cut is not None} | ({"truncated_part": cut} if cut else {}),
+            )  # fmt: skip
             for i, (ids, cut) in enumerate(encoded)
         ]
 
@@ -107,14 +139,6 @@ def pooling_pad_id(rows: Sequence[Sequence[int]], pad_id: int) -> int:
     if pad_id not in last:
         return pad_id
     return min(set(range(len(last) + 1)) - last)
-
-
-def truncate_keep_end(ids: list[int], max_length: int, bos_id: int | None) -> tuple[list[int], bool]:
-    """Keep the last ``max_length`` tokens (a leading BOS stays); return (ids, truncated)."""
-    if len(ids) <= max_length:
-        return ids, False
-    head = ids[:1] if bos_id is not None and ids[0] == bos_id and max_length > 1 else []
-    return head + ids[len(ids) - (max_length - len(head)) :], True
 
 
 def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
