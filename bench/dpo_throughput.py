@@ -11,7 +11,7 @@ prompt + completion fill 60-100% of ``--max-length``, never truncated, the same 
 implementations (checked; TRL gets the rendered text and tokenizes it itself).
 
 - ``ours``: the ``ref_logps`` pass (precomputed reference, then the reference model is freed) plus
-  the ``dpo`` training loop (alignpipe.dpo.build_run / train); both are timed, model loads are not.
+  the ``dpo`` training loop (alignpipe.dpo.stage.build_run / train); both are timed, model loads are not.
 - ``trl``: ``DPOTrainer`` with its defaults (live reference model, its gradient checkpointing, its
   fused AdamW, its sampler) and the same steps, batch, max_length, beta, learning rate, schedule
   (linear, no warmup), seed and precision; ``trainer.train()`` is timed.
@@ -27,7 +27,6 @@ per run, then one ``ratio`` line (ours / TRL, medians over ``--repeats``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -42,14 +41,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
-from alignpipe import schema
-from alignpipe.chat import encode_completion, encode_ids, render_prompt
-from alignpipe.io import write_parquet
-from alignpipe.logprobs import EncodedPair, read_pairs
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import write_parquet
+from alignpipe.artifacts.pairs import EncodedPair, read_pairs
+from alignpipe.core.chat import encode_completion, encode_ids, render_prompt
 from alignpipe.params import DpoParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +103,7 @@ def resolved_device(name: str) -> str:
 
 
 def bench_tokenizer(model: str) -> Any:
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.models import load_tokenizer
     from alignpipe.testing import tiny_tokenizer
 
     folder = Path(model) if model not in SHAPES else REPO / "models" / "base"
@@ -214,13 +212,13 @@ def encoded(settings: dict[str, Any], workdir: Path, tokenizer: Any) -> list[Enc
 
 
 def compute_dtype(settings: dict[str, Any]) -> torch.dtype:
-    from alignpipe.runtime import resolve_dtype
+    from alignpipe.core.models import resolve_dtype
 
     return resolve_dtype(settings["dtype"], settings["device"])
 
 
 class StepLosses:
-    """Stands in for alignpipe.training.MetricsLog: keeps each step's loss (logging_steps = 1)."""
+    """Stands in for alignpipe.training.metrics.MetricsLog: keeps each step's loss (logging_steps = 1)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
@@ -235,9 +233,9 @@ class StepLosses:
 
 def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Reference pass (timed) then the DPO loop (timed); the reference model is freed in between."""
-    import alignpipe.dpo as dpo
-    from alignpipe.logprobs import load_reference, reference_logps
-    from alignpipe.runtime import load_tokenizer
+    import alignpipe.dpo.stage as dpo
+    from alignpipe.core.logprobs import load_reference, pair_scores
+    from alignpipe.core.models import load_tokenizer
 
     s, device = settings, torch.device(settings["device"])
     params = DpoParams(
@@ -249,49 +247,43 @@ def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     )  # fmt: skip
     tokenizer = load_tokenizer(s["model_dir"])
     pairs = encoded(s, workdir, tokenizer)
-    with contextlib.ExitStack() as stack:
-        for module, name, value in patches(s):
-            stack.enter_context(mock.patch.object(module, name, value))
-        reference = load_reference(s["model_dir"], params.dtype, device)
-        start = time.perf_counter()
-        rows = reference_logps(
-            reference, pairs, params.batch_size, tokenizer.pad_token_id, params.padding_free
-        )
-        ref_seconds = sync_time(device) - start
-        del reference
-        write_parquet(rows, workdir / "ref_logps.parquet", schema.REF_LOGPS)
-        run, _ = dpo.build_run(Path(s["model_dir"]), workdir / "pairs", workdir / "ref_logps.parquet", params)
-        losses = StepLosses()
-        start = time.perf_counter()
-        dpo.train(run, 0, losses, workdir / "checkpoints", "bench")
-        seconds = ref_seconds + sync_time(device) - start
+    options = loop_options(s)
+    reference = load_reference(s["model_dir"], params.dtype, device)
+    start = time.perf_counter()
+    scores = pair_scores(reference, pairs, params.batch_size, tokenizer.pad_token_id, params.padding_free,
+                         share_prompt=options.shared_prompt)  # fmt: skip
+    ref_seconds = sync_time(device) - start
+    del reference
+    scores.write(workdir / "ref_logps.parquet")
+    run, _ = dpo.build_run(
+        Path(s["model_dir"]), workdir / "pairs", workdir / "ref_logps.parquet", params, options
+    )
+    losses = StepLosses()
+    start = time.perf_counter()
+    dpo.train(run, 0, losses, workdir / "checkpoints", {})
+    seconds = ref_seconds + sync_time(device) - start
     n_params = sum(p.numel() for p in run.scorer.parameters())
     return dict(seconds=seconds, ref_seconds=ref_seconds, losses=losses.losses, params=n_params,
                 shared_prompt=run.share_prompt, ablate=s["ablate"],
                 gradient_checkpointing=params.gradient_checkpointing)  # fmt: skip
 
 
-def patches(s: dict[str, Any]) -> list[tuple[Any, str, Any]]:
-    """(module, name, value) swaps for ``--parity`` (file order: no shuffle, no length grouping, the
-    order of TRL's sequential sampler) and ``--ablate`` (optimisations off, for bench/NOTES.md)."""
-    import alignpipe.dpo as dpo
-    import alignpipe.logprobs as logprobs
+def loop_options(s: dict[str, Any]) -> Any:
+    """The loop's options for ``--parity`` (file order: no shuffle, no length grouping, the order of
+    TRL's sequential sampler) and ``--ablate`` (optimisations off, for bench/NOTES.md)."""
+    from alignpipe.dpo.stage import LoopOptions
 
-    def file_order(lengths: list[int], size: int, seed: int, epoch: int) -> list[list[int]]:
-        return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
-
-    def foreach_adamw(model: torch.nn.Module, p: Any) -> torch.optim.Optimizer:
-        trainable = [w for w in model.parameters() if w.requires_grad]
-        return torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=p.weight_decay, foreach=True)
-
-    swaps = [(dpo, "epoch_batches", file_order)] if s["parity"] else []
-    options = {"shared_prompt": (logprobs, "enable_shared_prompt", lambda model: False),
-               "fused_adamw": (dpo, "build_optimizer", foreach_adamw)}  # fmt: skip
-    for feature in filter(None, s["ablate"].split(",")):
-        if feature not in options:
-            raise SystemExit(f"--ablate: unknown feature {feature!r} (one of {', '.join(options)})")
-        swaps.append(options[feature])
-    return swaps
+    ablated = set(filter(None, s["ablate"].split(",")))
+    features = {"shared_prompt", "fused_adamw"}
+    if ablated - features:
+        raise SystemExit(
+            f"--ablate: unknown feature {sorted(ablated - features)[0]!r} (one of {', '.join(sorted(features))})"
+        )
+    return LoopOptions(
+        data_order="file" if s["parity"] else "length_grouped",
+        shared_prompt="shared_prompt" not in ablated,
+        fused_adamw="fused_adamw" not in ablated,
+    )
 
 
 def sync_time(device: torch.device) -> float:
@@ -327,7 +319,7 @@ def run_trl(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.models import load_tokenizer
 
     s = settings
     tokenizer = load_tokenizer(s["model_dir"])

@@ -22,11 +22,12 @@ import time
 
 import torch
 
+from alignpipe.core.models import load_causal_lm, resolve_dtype
 from alignpipe.data.builtin import make_items
-from alignpipe.generation import build_requests, load_chat_tokenizer, vllm_importable
+from alignpipe.generation.base import build_requests, vllm_importable
 from alignpipe.generation.hf import HFBackend
+from alignpipe.generation.load import load_chat_tokenizer
 from alignpipe.params import SamplingParams
-from alignpipe.runtime import load_causal_lm, resolve_dtype
 
 
 def parse_args() -> argparse.Namespace:

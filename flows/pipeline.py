@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 
-from alignpipe.dag import (
+from alignpipe.orchestration.dag import (
     FAILED,
     NOT_RUN,
     RAN,
@@ -31,7 +31,7 @@ from alignpipe.dag import (
     stage_env,
     stage_status,
 )
-from alignpipe.flow_support import (
+from alignpipe.orchestration.flow_support import (
     Change,
     ProcessResult,
     StageResult,

@@ -1,8 +1,9 @@
 """Stage base_model: write the starting model as an HF folder (see alignpipe.base_model)."""
 
 import argparse
+from pathlib import Path
 
-from alignpipe.base_model import build_base_model
+from alignpipe.base_model import BaseModelPaths, run
 from alignpipe.cli import stage_main
 from alignpipe.params import load_section
 
@@ -10,10 +11,10 @@ from alignpipe.params import load_section
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
-    build_base_model(load_section("base_model", args.params), args.out)
+    run(load_section("base_model", args.params), BaseModelPaths(args.out))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage dpo: preference optimisation of models/sft on the train pairs (see alignpipe.dpo)."""
+"""Stage dpo: preference optimisation of models/sft on the train pairs (see alignpipe.dpo.stage)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from alignpipe.cli import stage_main
-from alignpipe.dpo import run_dpo
+from alignpipe.dpo.stage import DpoPaths, run
 from alignpipe.params import load_section
 
 
@@ -26,8 +26,8 @@ def main() -> None:
         "--metrics-dir", type=Path, required=True, help="DVCLive folder (metrics.json, plots)"
     )
     args = parser.parse_args()
-    params = load_section("dpo")
-    run_dpo(args.model, args.pairs, args.ref_logps, args.out, args.checkpoints, args.metrics_dir, params)
+    paths = DpoPaths(args.model, args.pairs, args.ref_logps, args.out, args.checkpoints, args.metrics_dir)
+    run(load_section("dpo"), paths)
 
 
 if __name__ == "__main__":

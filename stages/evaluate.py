@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from alignpipe.cli import stage_main
-from alignpipe.evaluate import run_evaluate
+from alignpipe.evaluate.stage import EvaluatePaths, EvaluateSettings, run
 from alignpipe.params import load_section
 
 
@@ -23,18 +24,15 @@ def main() -> None:
     parser.add_argument("--dpo-curves", help="DVCLive plots folder of the dpo stage")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
-    curves = {k: v for k, v in (("sft", args.sft_curves), ("dpo", args.dpo_curves)) if v}
-    run_evaluate(
-        {"sft": args.sft, "dpo": args.dpo, "base": args.base},
-        args.prompts,
-        args.pairs,
-        args.ref_logps,
-        args.out_dir,
+    folders = [Path(p) for p in (args.sft, args.dpo, args.base, args.prompts, args.pairs, args.ref_logps)]
+    curves = [Path(p) if p else None for p in (args.sft_curves, args.dpo_curves)]
+    paths = EvaluatePaths(*folders, Path(args.out_dir), *curves)
+    settings = EvaluateSettings(
         load_section("evaluate", args.params),
         load_section("reward", args.params),
         load_section("dpo", args.params),
-        curves=curves,
     )
+    run(settings, paths)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ see ``alignpipe.generate`` for how shards are combined.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from alignpipe.cli import stage_main
-from alignpipe.generate import run_generate
-from alignpipe.params import GenerateParams, load_section
+from alignpipe.generate import GeneratePaths, run
+from alignpipe.params import load_section
 
 
 @stage_main
@@ -28,9 +29,9 @@ def main() -> None:
     )
     parser.add_argument("--params", default="params.yaml", help="params file")
     args = parser.parse_args()
-    params = load_section("generate", args.params)
-    assert isinstance(params, GenerateParams)
-    run_generate(args.model, args.prompts, args.out, params, shard=args.shard, metrics_path=args.metrics)
+    metrics = Path(args.metrics) if args.metrics else None
+    paths = GeneratePaths(Path(args.model), Path(args.prompts), Path(args.out), metrics)
+    run(load_section("generate", args.params), paths, shard=args.shard)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from alignpipe.cli import stage_main
-from alignpipe.pairs import pairs
+from alignpipe.pairs import PairsPaths, run
 from alignpipe.params import load_section
 
 
@@ -20,8 +21,10 @@ def main() -> None:
     parser.add_argument("--plots-dir", required=True, help="folder for the rewards/margins histograms")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
-    params = load_section("pairs", args.params)
-    pairs(args.scored, args.prompts, args.prepared, args.out_dir, args.report, args.plots_dir, params)
+    paths = [
+        Path(p) for p in (args.scored, args.prompts, args.prepared, args.out_dir, args.report, args.plots_dir)
+    ]
+    run(load_section("pairs", args.params), PairsPaths(*paths))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ import argparse
 from pathlib import Path
 
 from alignpipe.cli import stage_main
-from alignpipe.logprobs import Numerics
 from alignpipe.params import load_section
-from alignpipe.ref_logps import run_ref_logps
+from alignpipe.ref_logps import RefLogpsPaths, RefLogpsSettings, run
 
 
 @stage_main
@@ -21,12 +20,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output parquet (schema.REF_LOGPS)")
     parser.add_argument("--metrics", type=Path, help="metrics json (pairs, tokens, truncation, seconds)")
     args = parser.parse_args()
-    params = load_section("ref_logps")
-    dpo = load_section("dpo")  # reads dpo.max_length, dpo.max_prompt_length, dpo.dtype and dpo.peft.*
-    policy = Numerics.of_policy(dpo.dtype, dpo.peft.enabled, dpo.peft.load_in_4bit)  # how dpo computes
-    run_ref_logps(
-        args.model, args.pairs, args.out, params, dpo.max_length, dpo.max_prompt_length, args.metrics, policy
-    )
+    # of dpo it reads only dpo.max_length and dpo.max_prompt_length (the tokenization)
+    settings = RefLogpsSettings(load_section("ref_logps"), load_section("dpo"))
+    run(settings, RefLogpsPaths(args.model, args.pairs, args.out, args.metrics))
 
 
 if __name__ == "__main__":

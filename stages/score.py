@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from alignpipe.cli import stage_main
 from alignpipe.params import load_section
-from alignpipe.score import score
+from alignpipe.score import ScorePaths, run
 
 
 @stage_main
@@ -18,7 +19,8 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
-    score(args.generations, args.prompts, args.out, args.metrics, load_section("reward", args.params))
+    paths = ScorePaths(Path(args.generations), Path(args.prompts), Path(args.out), Path(args.metrics))
+    run(load_section("reward", args.params), paths)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage sft: fine-tune the base model on the SFT demonstrations (see alignpipe.sft).
+"""Stage sft: fine-tune the base model on the SFT demonstrations (see alignpipe.sft.stage).
 
 Runs as `python stages/sft.py ...` or under `accelerate launch --config_file configs/accelerate/<x>.yaml`
 (params.yaml: sft.launcher).
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from alignpipe.cli import stage_main
 from alignpipe.params import load_section
-from alignpipe.sft import SftPaths, run_sft
+from alignpipe.sft.stage import SftPaths, run
 
 
 @stage_main
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     paths = SftPaths(args.model, args.data, args.out, args.checkpoints, args.metrics_dir)
-    run_sft(load_section("sft", args.params), paths)
+    run(load_section("sft", args.params), paths)
 
 
 if __name__ == "__main__":

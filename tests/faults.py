@@ -55,7 +55,7 @@ TINY = {
 # Metrics that describe the run, not its result: they differ between a resumed and a straight run.
 VOLATILE_KEY = re.compile(r"seconds|per_s\b|per_second|resumed|_generated|_reused|^timestamp$")
 VOLATILE_FILE = re.compile(r"per_s\.tsv$|per_second\.tsv$")
-# What an interrupted atomic write can leave behind (alignpipe.io.atomic_path, training.save_checkpoint).
+# What an interrupted atomic write can leave behind (alignpipe.artifacts.io.atomic_path, training.save_checkpoint).
 TEMP_NAME = re.compile(r"^\..+\.(tmp|old)$")
 
 

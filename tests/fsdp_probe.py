@@ -4,7 +4,7 @@ accelerate 1.15 applies FSDP only to GPU processes (its MULTI_CPU state skips th
 probe does what ``accelerator.prepare`` does under configs/accelerate/fsdp.yaml: accelerate's own
 TRANSFORMER_BASED_WRAP policy picks the units of the dpo scorer, ``fully_shard`` shards them and the
 root. It checks one forward and backward against the unsharded model, and saves the gathered full state
-dict the way the dpo stage does (``training.save_model``). Writes ``<out>/probe.json``.
+dict the way the dpo stage does (``training.loop.save_model``). Writes ``<out>/probe.json``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from alignpipe.logprobs import CompletionScorer
+from alignpipe.core.logprobs import CompletionScorer
 from alignpipe.testing import tiny_model, tiny_tokenizer
-from alignpipe.training import fsdp_units, save_model
+from alignpipe.training.loop import fsdp_units, save_model
 
 
 def loss_and_grads(scorer: torch.nn.Module, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:

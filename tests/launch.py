@@ -1,7 +1,7 @@
 """Run the real stage scripts as subprocesses, alone or under ``accelerate launch`` (2 CPU processes, gloo).
 
 On a machine without a GPU ``accelerate launch --multi_gpu --num_processes N`` starts N workers through
-torchrun, and the stages join them over gloo (``alignpipe.runtime.cpu_only``). ``accelerate launch
+torchrun, and the stages join them over gloo (``alignpipe.core.models.cpu_only``). ``accelerate launch
 --cpu --num_processes N`` would start one process only: accelerate 1.15 runs several CPU processes
 through ``mpirun`` alone.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from alignpipe import schema
-from alignpipe.io import write_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"

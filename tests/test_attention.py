@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignpipe.attention import NAME, _tail_mask, enable_shared_prompt
-from alignpipe.chat import Encoded
-from alignpipe.logprobs import CompletionScorer, EncodedPair, collate_pairs, encode_pairs, pair_logps
-from alignpipe.runtime import enable_activation_checkpointing
+from alignpipe.artifacts.pairs import EncodedPair, encode_pairs
+from alignpipe.core.attention import NAME, _tail_mask, enable_shared_prompt
+from alignpipe.core.chat import Encoded
+from alignpipe.core.logprobs import CompletionScorer, collate_pairs, pair_logps
+from alignpipe.core.models import enable_activation_checkpointing
 from alignpipe.testing import tiny_model
 
 

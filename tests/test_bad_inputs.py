@@ -27,23 +27,24 @@ import torch
 from faults import file_size_limit, limit_file_size_in_child, stage_argv, temp_leftovers
 from workspace import env, make_workspace, set_params
 
-from alignpipe import schema
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.generations import read_generations
+from alignpipe.artifacts.io import read_parquet, write_json, write_parquet
+from alignpipe.artifacts.pairs import encode_pair, read_pairs
 from alignpipe.cli import DEBUG_ENV, _is_ours
-from alignpipe.dpo import check_loss
-from alignpipe.generate import read_generations, run_generate
-from alignpipe.io import read_parquet, write_json, write_parquet
-from alignpipe.logprobs import encode_pair, read_pairs
+from alignpipe.core.models import load_causal_lm, load_tokenizer
+from alignpipe.dpo.stage import check_loss
+from alignpipe.generate import run_generate
 from alignpipe.pairs import pairs
 from alignpipe.params import DataParams, RewardParams, load_section
 from alignpipe.prepare import prepare
 from alignpipe.ref_logps import run_ref_logps
-from alignpipe.rewards import get_reward
 from alignpipe.rewards.hf import load_reward_model
-from alignpipe.runtime import load_causal_lm, load_tokenizer
+from alignpipe.rewards.load import get_reward
 from alignpipe.score import score, score_rows
-from alignpipe.sft_data import encode_rows
+from alignpipe.sft.data import encode_rows
 from alignpipe.testing import tiny_config, tiny_tokenizer
-from alignpipe.training import save_model
+from alignpipe.training.loop import save_model
 
 USER = [{"role": "user", "content": "Say hi."}]
 SFT_LINE = json.dumps({"prompt": "Say hi.", "completion": "hi"})
@@ -218,7 +219,7 @@ def artifact_unfinished_generations(c: Ctx) -> Case:
 
 @case
 def artifact_ref_logps_missing_a_pair(c: Ctx) -> Case:
-    from alignpipe.dpo_data import load_split
+    from alignpipe.dpo.data import load_split
 
     write_parquet([_pair_row("p0"), _pair_row("p1")], c.tmp / "pairs/train.parquet", schema.PAIRS)
     ref = c.tmp / "ref_logps.parquet"
@@ -365,7 +366,7 @@ def tokenizer_without_pad_or_eos(c: Ctx) -> Case:
 
 @case
 def tokenizer_without_chat_template(c: Ctx) -> Case:
-    from alignpipe.generation import load_chat_tokenizer
+    from alignpipe.generation.load import load_chat_tokenizer
 
     folder = c.model()
     config = json.loads((folder / "tokenizer_config.json").read_text())

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignpipe.base_model import build_base_model
-from alignpipe.chat import render_prompt
+from alignpipe.core.chat import render_prompt
+from alignpipe.core.models import ModelFolderError, load_causal_lm, load_tokenizer
 from alignpipe.params import BaseModelParams
-from alignpipe.runtime import ModelFolderError, load_causal_lm, load_tokenizer
 
 
 def test_local_folder_is_copied_and_loads(tiny_model_dir, tmp_path):

@@ -48,7 +48,7 @@ def test_parity_run_prints_one_line_per_impl_and_a_ratio(bench, tmp_path):
 
 
 def test_synthetic_pairs_fill_the_length_budget_without_truncation(bench):
-    from alignpipe.logprobs import encode_pairs
+    from alignpipe.artifacts.pairs import encode_pairs
     from alignpipe.testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from alignpipe.chat import encode_completion, encode_ids, render_prompt
 from alignpipe.chat_cli import ChatSession, main, parser, settings_from
+from alignpipe.core.chat import encode_completion, encode_ids, render_prompt
 from alignpipe.params import GenerateParams
 from alignpipe.testing import tiny_model, tiny_tokenizer
 
@@ -122,7 +122,7 @@ def test_answers_stream_in_pieces_that_make_the_answer(chat_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     session = ChatSession(AutoModelForCausalLM.from_pretrained(chat_model), AutoTokenizer.from_pretrained(chat_model),
-                          GenerateParams(temperature=0.0, max_new_tokens=12))  # fmt: skip
+                          GenerateParams(n=1, temperature=0.0, max_new_tokens=12))  # fmt: skip
     pieces = list(session.stream("hi"))
     assert len(pieces) > 1 and "".join(pieces) == ANSWER
     assert session.history == [*HI, {"role": "assistant", "content": ANSWER}]
@@ -141,7 +141,7 @@ def test_sampling_settings_come_from_params_and_flags(tmp_path):
         GenerateParams().max_new_tokens,
     )
     defaults = settings_from(parser().parse_args(["chat", "m", "--params", str(tmp_path / "none.yaml")]))
-    assert defaults == GenerateParams()
+    assert defaults == GenerateParams(n=1)  # a chat samples one answer a turn
 
 
 def test_a_bad_folder_is_one_error_line(tmp_path, capsys):

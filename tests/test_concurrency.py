@@ -26,7 +26,7 @@ import yaml
 from faults import TINY, cache_problems, log_contains, run_process
 from workspace import ROOT, dvc, env, make_workspace
 
-from alignpipe.dag import error_message
+from alignpipe.orchestration.dag import error_message
 
 REPO_LOCKED = "Unable to acquire lock. Most likely another DVC process is running"
 PATH_LOCKED = re.compile(

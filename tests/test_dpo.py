@@ -5,24 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignpipe import dpo as dpo_module
-from alignpipe import schema
-from alignpipe.dpo import merged_weights, pair_losses, run_dpo, sync_reference
-from alignpipe.dpo_data import epoch_batches, load_split, micro_batches, steps_per_epoch
-from alignpipe.io import read_parquet, write_parquet
-from alignpipe.logprobs import CompletionScorer, PairLogps
+import alignpipe.dpo.stage as dpo_module
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.core.logprobs import CompletionScorer, PairLogps
+from alignpipe.core.models import load_tokenizer
+from alignpipe.dpo.data import epoch_batches, load_split, micro_batches, steps_per_epoch
+from alignpipe.dpo.stage import merged_weights, pair_losses, run_dpo, sync_reference
 from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
-from alignpipe.runtime import load_tokenizer
 from alignpipe.testing import tiny_model
-from alignpipe.training import NonFiniteError
+from alignpipe.training.loop import NonFiniteError
 
 N_TRAIN = 8
 LENGTHS = {"max_length": 64, "max_prompt_length": 32}
@@ -42,8 +42,16 @@ def pair_row(i: int, prefix: str) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Env:
+    root: Path
+    model: Path
+    pairs: Path
+    ref: Path
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
+def env(tmp_path_factory, tiny_model_dir) -> Env:
     """models/sft (the tiny model), data/pairs with 8 train and 2 eval pairs, data/ref_logps.parquet."""
     root = tmp_path_factory.mktemp("dpo")
     write_parquet([pair_row(i, "t") for i in range(N_TRAIN)], root / "pairs" / "train.parquet", schema.PAIRS)
@@ -52,7 +60,7 @@ def env(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     run_ref_logps(
         tiny_model_dir, root / "pairs", ref, RefLogpsParams(batch_size=3, dtype="float32"), **LENGTHS
     )
-    return SimpleNamespace(root=root, model=tiny_model_dir, pairs=root / "pairs", ref=ref)
+    return Env(root=root, model=tiny_model_dir, pairs=root / "pairs", ref=ref)
 
 
 def train(env, tmp_path: Path, name: str, ref: Path | None = None, **overrides) -> tuple[dict, Path]:
@@ -199,11 +207,7 @@ def test_tr_dpo_sync_mixes_policy_into_reference(tokenizer):
         CompletionScorer(tiny_model(tokenizer, seed=2)),
     )
     before = {k: v.clone() for k, v in ref.model.named_parameters()}
-    run = SimpleNamespace(
-        accelerator=SimpleNamespace(unwrap_model=lambda m: m), scorer=policy, ref_scorer=ref,
-        params=DpoParams(reference="live", ref_sync_steps=1, ref_sync_alpha=0.25),
-    )  # fmt: skip
-    sync_reference(run)
+    sync_reference(policy.model, ref.model, alpha=0.25)
     for name, value in ref.model.named_parameters():
         want = 0.25 * dict(policy.model.named_parameters())[name] + 0.75 * before[name]
         torch.testing.assert_close(value, want)

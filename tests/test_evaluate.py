@@ -14,29 +14,31 @@ import pytest
 import torch
 import yaml
 
-from alignpipe import schema
-from alignpipe.chat import encode_completion
-from alignpipe.data.builtin import make_items
-from alignpipe.evaluate import (
-    Answer,
-    Estimate,
-    EvalPrompt,
-    EvalResult,
-    PairsResult,
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.artifacts.pairs import encode_pairs
+from alignpipe.core.chat import encode_completion
+from alignpipe.core.logprobs import load_reference, pair_scores, sequence_logps
+from alignpipe.data.builtin import FAMILIES, make_items, primary_family
+from alignpipe.evaluate.report import (
+    eval_metrics,
+    md_cell,
+    model_summary,
+    pass_rates,
+    reward_histogram,
+    write_reports,
+)
+from alignpipe.evaluate.results import Answer, Estimate, EvalPrompt, EvalResult, PairsResult
+from alignpipe.evaluate.stage import (
     encode_answers,
     kl_estimate,
     loaded_scorer,
     pairs_metrics,
     policy_logps,
-    primary_family,
     run_evaluate,
-    sequence_logps,
     win_rate,
 )
-from alignpipe.io import read_parquet, write_parquet
-from alignpipe.logprobs import encode_pairs, load_reference, reference_logps
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
-from alignpipe.report import eval_metrics, md_cell, model_summary, pass_rates, reward_histogram, write_reports
 from alignpipe.testing import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +68,11 @@ def test_win_rate_needs_the_same_prompts_and_samples():
 
 def test_pass_rates_per_primary_family():
     families = ["lowercase", "bullets", "lowercase", "arithmetic", None]
-    overall, by_family, counts = pass_rates(families, [True, True, False, False, True])
+    overall, by_family, counts = pass_rates(families, [True, True, False, False, True], FAMILIES)
     assert overall == pytest.approx(3 / 5)
     assert by_family == {"lowercase": 0.5, "bullets": 1.0, "arithmetic": 0.0, "other": 1.0}
-    assert list(by_family) == ["lowercase", "bullets", "arithmetic", "other"]  # FAMILIES order, then others
+    assert list(by_family) == ["lowercase", "bullets", "arithmetic", "other"]  # the task's order, then others
+    assert list(pass_rates(families, [True] * 5)[1]) == ["arithmetic", "bullets", "lowercase", "other"]
     assert counts == {"lowercase": 2, "bullets": 1, "arithmetic": 1, "other": 1}
 
 
@@ -146,7 +149,7 @@ def two_models(tmp_path_factory):
 
 def direct_logp(model_dir: Path, prompt, completion: str, ended: bool) -> float:
     """log p(completion | prompt) by a full forward and a full log_softmax."""
-    from alignpipe.runtime import load_causal_lm, load_tokenizer
+    from alignpipe.core.models import load_causal_lm, load_tokenizer
 
     tok, model = (
         load_tokenizer(model_dir),
@@ -170,7 +173,7 @@ def test_sequence_logps_match_a_direct_computation(two_models):
         assert (
             seqs[0].completion_ids[-1] == tok.eos_token_id and seqs[1].completion_ids[-1] != tok.eos_token_id
         )
-        got = sequence_logps(scorer, seqs, batch_size=2, pad_token_id=tok.pad_token_id, desc="t")
+        got = sequence_logps(scorer, seqs, batch_size=2, pad_token_id=tok.pad_token_id, desc="t").tolist()
     want = [direct_logp(sft_dir, USER, a.completion, a.finish_reason == "stop") for a in rows]
     assert got == pytest.approx(want, abs=1e-4)
 
@@ -190,14 +193,12 @@ def eval_data(tmp_path_factory, two_models):
         for i, (p, c, r) in enumerate(zip(prompts[:2], ["the ocean is wide", "12"], ["The Ocean, Vast.", "twelve"], strict=True))
     ]  # fmt: skip
     write_parquet(pairs, root / "eval.parquet", schema.PAIRS)
-    from alignpipe.runtime import load_tokenizer
+    from alignpipe.core.models import load_tokenizer
 
     tok = load_tokenizer(two_models[0])
     encoded = encode_pairs(tok, pairs, DPO.max_length, DPO.max_prompt_length, "t")
     scorer = load_reference(two_models[0], "float32", torch.device("cpu"))
-    write_parquet(
-        reference_logps(scorer, encoded, 4, tok.pad_token_id), root / "ref_logps.parquet", schema.REF_LOGPS
-    )
+    pair_scores(scorer, encoded, 4, tok.pad_token_id).write(root / "ref_logps.parquet")
     return root
 
 
@@ -245,6 +246,7 @@ def hand_result(builtin: bool) -> EvalResult:
         params=EvaluateParams(n_examples=1), reward_name="builtin" if builtin else "python:m:f", builtin=builtin,
         backend="hf", prompts=prompts, answers=rows, win=win_rate(rows["dpo"], rows["sft"]),
         kl=Estimate(0.25, 0.05, 2), pairs=PairsResult(0.5, 0.1, 2), beta=0.1, seconds={"total": 1.0},
+        family_order=FAMILIES,
     )  # fmt: skip
 
 
@@ -291,7 +293,7 @@ def test_eval_md_has_the_table_plots_and_examples(tmp_path):
 
 
 def test_training_curves_read_dvclive_files(tmp_path):
-    from alignpipe.report import read_curve
+    from alignpipe.evaluate.plots import read_curve
 
     tsv = tmp_path / "train" / "loss.tsv"
     tsv.parent.mkdir()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignpipe.dag import (
+from alignpipe.orchestration.dag import (
     RAN,
     RESTORED,
     UNKNOWN,
@@ -32,7 +32,7 @@ from alignpipe.dag import (
     parse_dot,
     stage_status,
 )
-from alignpipe.flow_support import (
+from alignpipe.orchestration.flow_support import (
     Change,
     StageResult,
     form_baseline,

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignpipe import schema
+from alignpipe.artifacts import schema
 from alignpipe.data.convert import (
     convert,
     extract_prompt,

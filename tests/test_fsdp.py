@@ -13,7 +13,7 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from launch import env, free_port
 from transformers import AutoModelForCausalLM
 
-from alignpipe.logprobs import CompletionScorer
+from alignpipe.core.logprobs import CompletionScorer
 from alignpipe.testing import tiny_model
 
 PROBE = Path(__file__).with_name("fsdp_probe.py")

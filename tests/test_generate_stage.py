@@ -8,17 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.generate import (
-    MANIFEST,
-    plan_chunks,
-    read_generations,
-    run_generate,
-    shard_chunks,
-    write_chunk,
-)
-from alignpipe.io import ArtifactError, read_json, write_parquet
+from alignpipe.artifacts.generations import MANIFEST, plan_chunks, read_generations, write_chunk
+from alignpipe.artifacts.io import ArtifactError, read_json, write_parquet
+from alignpipe.artifacts.schema import PROMPTS
+from alignpipe.generate import run_generate, shard_chunks
 from alignpipe.params import GenerateParams
-from alignpipe.schema import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROMPTS = 7

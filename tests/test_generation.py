@@ -11,10 +11,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import alignpipe.generation as gen
-from alignpipe.chat import encode_ids
-from alignpipe.generation import GenerationError, PromptRequest, build_requests, derive_seed, resolve_backend
+import alignpipe.generation.base as gen
+import alignpipe.generation.load as load
+from alignpipe.core.chat import encode_ids
 from alignpipe.generation import vllm as gvllm
+from alignpipe.generation.base import (
+    GenerationError,
+    PromptRequest,
+    build_requests,
+    derive_seed,
+    resolve_backend,
+)
 from alignpipe.generation.hf import (
     HFBackend,
     filter_logits,
@@ -264,9 +271,9 @@ def test_hf_logprobs_match_a_plain_forward_pass(model, tokenizer, monkeypatch):
 
 def test_sample_entry_point_loads_a_model_folder(tiny_model_dir):
     settings = _settings(temperature=1.0, max_new_tokens=4)
-    samples = gen.sample(tiny_model_dir, PROMPTS[:2], settings, n=3, keys=["a", "b"])
+    samples = load.sample(tiny_model_dir, PROMPTS[:2], settings, n=3, keys=["a", "b"])
     assert len(samples) == 6 and {s.prompt_index for s in samples} == {0, 1}
-    assert samples == gen.sample(tiny_model_dir, PROMPTS[:2], settings, n=3, keys=["a", "b"])
+    assert samples == load.sample(tiny_model_dir, PROMPTS[:2], settings, n=3, keys=["a", "b"])
 
 
 # --- vLLM: request building and output parsing with fakes (no GPU) ---------------------------

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from alignpipe import schema
-from alignpipe.io import read_parquet, write_parquet
-from alignpipe.logprobs import (
-    CompletionScorer,
-    PairDataError,
-    collate_pairs,
-    encode_pair,
-    encode_pairs,
-    pair_logps,
-    reference_logps,
-)
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import ArtifactError, read_parquet, write_parquet
+from alignpipe.artifacts.pairs import PairDataError, encode_pair, encode_pairs
+from alignpipe.artifacts.ref_logps import PairScores
+from alignpipe.core.logprobs import CompletionScorer, collate_pairs, pair_logps, pair_scores
 from alignpipe.params import RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
 
@@ -113,7 +108,7 @@ def test_packed_equals_padded_within_1e5_fp32(model, tokenizer, pairs, row_token
 
 def test_binned_rows_hold_several_sequences_and_no_row_exceeds_the_longest(tokenizer):
     """First-fit decreasing: lengths 9, 5, 4, 3, 3 (capacity 9) -> rows [9], [5, 4], [3, 3]."""
-    from alignpipe.logprobs import _row_starts
+    from alignpipe.core.logprobs import _row_starts
 
     rows, row_len, starts = _row_starts([3, 9, 5, 4, 3], padding_free=True, row_tokens=0)
     assert (rows, row_len) == (3, 9)
@@ -160,12 +155,31 @@ def test_bad_completion_names_the_file_pair_and_field(tokenizer):
         encode_pair(tokenizer, row, 64, 32, where="pairs.parquet")
 
 
-def test_reference_logps_rows_follow_input_order_whatever_the_batching(model, tokenizer, pairs):
+def test_pair_scores_follow_input_order_whatever_the_batching(model, tokenizer, pairs):
     scorer = CompletionScorer(model).eval()
-    rows = reference_logps(scorer, pairs, batch_size=2, pad_token_id=tokenizer.pad_token_id)
-    assert [r["pair_id"] for r in rows] == ["p0", "p1", "p2"]
-    alone = reference_logps(scorer, pairs[2:], batch_size=1, pad_token_id=tokenizer.pad_token_id)
-    assert rows[2]["ref_chosen_logps"] == pytest.approx(alone[0]["ref_chosen_logps"], abs=1e-5)
+    scores = pair_scores(scorer, pairs, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    assert scores.pair_ids == ["p0", "p1", "p2"]
+    alone = pair_scores(scorer, pairs[2:], batch_size=1, pad_token_id=tokenizer.pad_token_id)
+    assert scores.chosen[2].item() == pytest.approx(alone.chosen[0].item(), abs=1e-5)
+    counts = [len(p.chosen.completion_ids) for p in pairs]
+    assert scores.chosen_tokens.tolist() == counts and scores.chosen.dtype == torch.float64
+
+
+def test_pair_scores_round_trip_through_the_file_and_align_to_pairs(model, tokenizer, pairs, tmp_path):
+    scores = pair_scores(CompletionScorer(model).eval(), pairs, 2, tokenizer.pad_token_id)
+    scores.write(tmp_path / "ref.parquet")
+    back = PairScores.read(tmp_path / "ref.parquet")
+    assert back.pair_ids == scores.pair_ids and torch.equal(back.chosen, scores.chosen)
+    assert torch.equal(back.rejected_tokens, scores.rejected_tokens)
+    flipped = back.aligned(pairs[::-1], "ref.parquet")
+    assert flipped.pair_ids == ["p2", "p1", "p0"] and torch.equal(flipped.rejected, scores.rejected.flip(0))
+    with pytest.raises(ArtifactError, match="no reference log-probs for pair 'x'"):
+        back.aligned([replace(pairs[0], pair_id="x")], "ref.parquet")
+    longer = replace(
+        pairs[0], chosen=replace(pairs[0].chosen, completion_ids=[*pairs[0].chosen.completion_ids, 1])
+    )
+    with pytest.raises(ArtifactError, match="stale ref_logps"):
+        back.aligned([longer], "ref.parquet")
 
 
 def test_ref_logps_stage_writes_every_train_and_eval_pair(tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of alignpipe.losses: hand-computed values, identities, limits, gradient signs, errors, TRL parity.
+"""Tests of alignpipe.core.losses: hand-computed values, identities, limits, gradient signs, errors, TRL parity.
 
 Notation: ``c = chosen - ref_chosen``, ``r = rejected - ref_rejected``, ``m = c - r``,
 ``ls(x) = log sigmoid(x)``, ``Lc, Lr`` token counts. Expected values are computed here with the
@@ -16,13 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from alignpipe.losses import (
-    LOSSES,
-    combined_loss,
-    implicit_rewards,
-    preference_loss,
-    wpo_weights,
-)
+from alignpipe.core.losses import LOSSES, implicit_rewards, wpo_weights
+from alignpipe.core.objective import combined_loss, preference_loss
 
 LN2 = math.log(2)
 REF_BASED = sorted(n for n, s in LOSSES.items() if not s.reference_free)

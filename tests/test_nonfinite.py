@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from alignpipe.io import write_json, write_parquet
+from alignpipe.artifacts.io import write_json, write_parquet
+from alignpipe.artifacts.schema import SFT
 from alignpipe.params import SftParams
-from alignpipe.schema import SFT
 from alignpipe.sft import SftPaths, run_sft, summarize, training_arguments
-from alignpipe.sft_data import LengthGroupedSampler, SftData, complete_checkpoints, encode_rows
+from alignpipe.sft.data import LengthGroupedSampler, SftData, encode_rows
 from alignpipe.testing import tiny_tokenizer
-from alignpipe.training import NonFiniteError
+from alignpipe.training.checkpoints import complete_checkpoints
+from alignpipe.training.loop import NonFiniteError
 
 ROWS = [
     {"id": f"sft-{i}", "prompt": [{"role": "user", "content": "Describe the ocean" + " now" * (i % 3)}],

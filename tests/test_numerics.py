@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from launch import run_stage, save_model, tsv, write_data
 
-from alignpipe.io import read_parquet
+from alignpipe.artifacts.io import read_parquet
 
 LN2 = math.log(2)
 DPO = dict(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe import schema
-from alignpipe.io import read_json, read_parquet, write_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_json, read_parquet, write_parquet
 from alignpipe.pairs import NoPairsError, build_pairs, eval_prompt_ids, histogram, pairs, similarity_at_least
 from alignpipe.params import PairsParams
 

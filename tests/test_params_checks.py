@@ -2,7 +2,7 @@
 
 Each check has a bad input here; the good neighbours next to it show that the check refuses only
 what it must. The loss names and options that params.py spells out (it must not import torch) are
-checked against the registry in alignpipe.losses, case by case.
+checked against the registry in alignpipe.core.losses, case by case.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignpipe import losses
-from alignpipe.flow_support import update_params
+from alignpipe.core import losses, objective
+from alignpipe.orchestration.flow_support import update_params
 from alignpipe.params import (
     LOSS_OPTION_NAMES,
     LOSS_OPTIONS,
@@ -184,7 +184,7 @@ def _losses_accept(loss_type: str, label_smoothing: float, options: dict[str, fl
     logps = [-torch.rand(b) - 1 for _ in range(4)]
     lengths = torch.tensor([3, 5, 7])
     try:
-        losses.preference_loss(loss_type, *logps, beta=0.1, label_smoothing=label_smoothing,
+        objective.preference_loss(loss_type, *logps, beta=0.1, label_smoothing=label_smoothing,
                                chosen_lengths=lengths, rejected_lengths=lengths,
                                wpo_weights=torch.ones(b) if wpo else None, **options)  # fmt: skip
     except ValueError:

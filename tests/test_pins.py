@@ -40,7 +40,7 @@ def test_trl_is_pinned_to_the_version_the_parity_harness_follows():
 def test_transformers_bound_excludes_the_version_removing_what_the_hf_backend_uses(tokenizer, model):
     import transformers
 
-    from alignpipe.generation import PromptRequest
+    from alignpipe.generation.base import PromptRequest
     from alignpipe.generation.hf import HFBackend
     from alignpipe.params import SamplingParams
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from test_architecture import uncovered_reads
 from workspace import dvc, make_workspace, ran_stages, set_params
 
-from alignpipe import schema
-from alignpipe.io import read_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet
+from alignpipe.params import TRACE_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -63,12 +65,21 @@ TINY_PIPELINE = {
 }
 
 
-def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, tiny_model_dir):
+def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, tiny_model_dir, monkeypatch):
     ws = make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, **TINY_PIPELINE})
     (ws / "toy_reward.py").write_text(REWARD_MODULE)
+    trace = tmp_path / "params_read.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(trace))  # each stage records the params keys it reads
     first = dvc(ws, "repro")
+    monkeypatch.delenv(TRACE_ENV)
     assert sorted(ran_stages(first.stdout)) == sorted(
         ["base_model", "prepare", "sft", "generate", "score", "pairs", "ref_logps", "dpo", "evaluate"]
+    )
+    lines = trace.read_text().splitlines()
+    assert len(lines) == 9, lines  # one record per stage process
+    gaps, extras = uncovered_reads(lines)
+    assert not gaps and not extras, "dvc.yaml params vs the keys each stage read:\n" + "\n".join(
+        gaps + extras
     )
     for path in (
         "models/dpo/model.safetensors",

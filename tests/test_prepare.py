@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from alignpipe import schema
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet
 from alignpipe.data.errors import DataError
-from alignpipe.io import read_parquet
 from alignpipe.params import DataParams
 from alignpipe.prepare import prepare
 

@@ -13,7 +13,7 @@ from launch import metrics, run_stage, save_model, tsv, write_data
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from alignpipe.io import read_parquet
+from alignpipe.artifacts.io import read_parquet
 
 PEFT = {"enabled": True, "load_in_4bit": True, "r": 4, "alpha": 8, "dropout": 0.0}
 DPO = dict(
@@ -34,7 +34,7 @@ def ws(tmp_path_factory) -> SimpleNamespace:
 def test_the_4bit_base_has_nf4_linear_layers_on_cpu(ws):
     import bitsandbytes as bnb
 
-    from alignpipe.runtime import load_causal_lm_4bit
+    from alignpipe.core.models import load_causal_lm_4bit
 
     model = load_causal_lm_4bit(ws.model, torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -236,7 +236,7 @@ def test_killing_dvc_repro_mid_stage_caches_nothing_partial_and_the_rerun_resume
 
 KILLED_WRITER = """
 import os, signal, sys
-from alignpipe.io import atomic_path
+from alignpipe.artifacts.io import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half of the new")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -255,14 +255,16 @@ def test_a_writer_killed_mid_write_leaves_the_previous_artifact_in_place(tmp_pat
 
 
 def test_resuming_metrics_after_a_kill_mid_summary_and_mid_line(tmp_path):
-    """A kill can leave DVCLive's metrics.json empty and a curve with points past the checkpoint."""
-    from alignpipe.training import MetricsLog
+    """A kill can leave DVCLive's metrics.json empty and a curve with points past the checkpoint:
+    the resumed run starts the curves afresh and replays the checkpoint's points."""
+    from alignpipe.training.metrics import MetricsLog
 
     (tmp_path / "plots/metrics").mkdir(parents=True)
     (tmp_path / "metrics.json").write_text("")  # killed while DVCLive rewrote it
     curve = tmp_path / "plots/metrics/loss.tsv"
     curve.write_text("step\tloss\n1\t0.7\n2\t0.6\n3\t0.5\n4\t0.")  # killed mid-line, after step 3
-    log = MetricsLog(tmp_path, enabled=True, resume_step=2)
+    log = MetricsLog(tmp_path, enabled=True, history=[(1, {"loss": 0.7}), (2, {"loss": 0.6})])
     log.log(3, {"loss": 0.25})
     assert curve.read_text() == "step\tloss\n1\t0.7\n2\t0.6\n3\t0.25\n"
     assert json.loads((tmp_path / "metrics.json").read_text())["loss"] == 0.25
+    assert log.history == [(1, {"loss": 0.7}), (2, {"loss": 0.6}), (3, {"loss": 0.25})]

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from workspace import ROOT, dvc, env, make_workspace, ran_stages
 
-from alignpipe.generate import read_generations
+from alignpipe.artifacts.generations import read_generations
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
-from alignpipe import schema
-from alignpipe.generate import MANIFEST, write_chunk
-from alignpipe.io import read_json, read_parquet, write_json, write_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.generations import MANIFEST, write_chunk
+from alignpipe.artifacts.io import read_json, read_parquet, write_json, write_parquet
+from alignpipe.core.models import ModelFolderError
 from alignpipe.params import RewardParams
-from alignpipe.rewards import RewardError, RewardResult, get_reward, score_completions
+from alignpipe.rewards.base import RewardError, RewardResult, score_completions
 from alignpipe.rewards.hf import HFReward, pooling_pad_id
-from alignpipe.runtime import ModelFolderError
+from alignpipe.rewards.load import get_reward
 from alignpipe.score import score, score_metrics
 from alignpipe.testing import tiny_config, tiny_tokenizer
 
@@ -227,7 +228,7 @@ def gen(pid, idx, completion, finish="stop"):
 
 
 def write_generations(out_dir, chunks: list[list[dict]], n: int) -> None:
-    """A finished generate output: chunk files and the manifest that alignpipe.generate reads."""
+    """A finished generate output: chunk files and the manifest that alignpipe.artifacts.generations reads."""
     names = [f"chunk-{k:05d}.parquet" for k in range(len(chunks))]
     for name, rows in zip(names, chunks, strict=True):
         write_chunk(out_dir / name, rows, "fp")

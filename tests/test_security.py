@@ -23,15 +23,16 @@ import torch
 from faults import stage_argv
 from workspace import ROOT, env, make_workspace
 
+from alignpipe.artifacts.generations import FINGERPRINT_KEY, MANIFEST
+from alignpipe.artifacts.io import read_parquet
+from alignpipe.artifacts.schema import GENERATIONS
 from alignpipe.base_model import build_base_model, check_loadable
-from alignpipe.generate import FINGERPRINT_KEY, MANIFEST
-from alignpipe.io import read_parquet
+from alignpipe.core.models import ModelFolderError, check_model_folder, load_causal_lm, load_tokenizer
 from alignpipe.params import BaseModelParams, RewardParams
-from alignpipe.rewards import RewardError, get_reward
+from alignpipe.rewards.base import RewardError
 from alignpipe.rewards.hf import load_reward_model
+from alignpipe.rewards.load import get_reward
 from alignpipe.rewards.python import load_function
-from alignpipe.runtime import ModelFolderError, check_model_folder, load_causal_lm, load_tokenizer
-from alignpipe.schema import GENERATIONS
 
 EVIL = """\
 open({marker!r}, "w").write("custom code ran")

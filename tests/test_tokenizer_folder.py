@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from alignpipe.cli import _is_ours
+from alignpipe.core.models import ModelFolderError, load_tokenizer
 from alignpipe.params import RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
-from alignpipe.runtime import ModelFolderError, load_tokenizer
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -12,15 +12,15 @@ import json
 import pytest
 import torch
 
-from alignpipe.chat import Truncation, encode_completion
+from alignpipe.artifacts.io import read_json
+from alignpipe.artifacts.pairs import PairDataError, count_truncation, encode_pair
+from alignpipe.core.chat import Truncation, encode_completion
 from alignpipe.evaluate import Answer, encode_answers
-from alignpipe.io import read_json
-from alignpipe.logprobs import PairDataError, count_truncation, encode_pair
 from alignpipe.ref_logps import run_ref_logps
-from alignpipe.rewards import RewardError
+from alignpipe.rewards.base import RewardError
 from alignpipe.rewards.hf import HFReward
 from alignpipe.sft import summarize
-from alignpipe.sft_data import SftDataError, encode_rows, warn_length_costs
+from alignpipe.sft.data import SftDataError, encode_rows, warn_length_costs
 from alignpipe.testing import tiny_config, tiny_tokenizer
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -142,8 +142,8 @@ def test_evaluate_counts_cut_answers_and_drops_eos_of_length_finished_ones(tok):
 
 
 def test_ref_logps_writes_its_truncation_counts_and_warns(tmp_path, tiny_model_dir, capsys):
-    from alignpipe import schema
-    from alignpipe.io import write_parquet
+    from alignpipe.artifacts import schema
+    from alignpipe.artifacts.io import write_parquet
     from alignpipe.params import RefLogpsParams
 
     pairs_dir = tmp_path / "pairs"

@@ -20,10 +20,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignpipe.cli import Timer
-from alignpipe.io import atomic_path
+from alignpipe.artifacts.io import atomic_path
+from alignpipe.core.models import ModelFolderError, check_model_folder
+from alignpipe.core.progress import Timer
 from alignpipe.params import BaseModelParams
-from alignpipe.runtime import ModelFolderError, check_model_folder
 
 CACHE_ENV = "ALIGNPIPE_CACHE"
 # Files of an HF model folder worth copying (weights, config, tokenizer, templates); never pickles.
@@ -160,3 +160,15 @@ def build_base_model(params: BaseModelParams, out_dir: str | os.PathLike) -> Pat
     size = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
     timer.summary(1, "model", source=source, size_mib=round(size))
     return out_dir
+
+
+@dataclass(frozen=True)
+class BaseModelPaths:
+    """Where the stage writes (``dvc.yaml`` passes it on the command line)."""
+
+    out: Path
+
+
+def run(params: BaseModelParams, paths: BaseModelPaths) -> dict[str, str]:
+    """The stage: write the starting model to ``paths.out``; returns where it went."""
+    return {"model": str(build_base_model(params, paths.out))}

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import torch
 
-from alignpipe.chat import Message, encode_ids, render_prompt, require_chat_template
+from alignpipe.core.chat import Message, encode_ids, render_prompt, require_chat_template
 from alignpipe.params import GenerateParams, load_section
 
 PROMPT = ">>> "
@@ -42,7 +42,8 @@ def settings_from(args: argparse.Namespace) -> GenerateParams:
         )  # fmt: skip
         if v is not None
     }
-    return params.model_validate(params.model_dump() | overrides)
+    # a chat samples one answer a turn (generate.n is best-of-N, and greedy needs n == 1)
+    return params.model_validate(params.model_dump() | {"n": 1} | overrides)
 
 
 class ChatSession:
@@ -147,7 +148,7 @@ def repl(session: ChatSession, read: Any = input, out: TextIO = sys.stdout) -> N
 
 
 def load_session(args: argparse.Namespace) -> ChatSession:
-    from alignpipe.runtime import check_model_folder, load_causal_lm, load_tokenizer
+    from alignpipe.core.models import check_model_folder, load_causal_lm, load_tokenizer
 
     settings = settings_from(args)
     check_model_folder(args.model_dir)

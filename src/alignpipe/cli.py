@@ -1,11 +1,10 @@
-"""What every stage script shares: one-line errors, a debug switch, a closing summary."""
+"""What every stage script shares: one-line errors and a debug switch (the closing summary: core.progress)."""
 
 from __future__ import annotations
 
 import functools
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -69,23 +68,3 @@ def close_process_group() -> None:
 
 def _is_ours(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("alignpipe") or isinstance(exc, ValueError | FileNotFoundError)
-
-
-class Timer:
-    """Times a loop and prints its one-line summary: items, seconds, throughput."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.start = time.perf_counter()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def summary(self, items: int, unit: str, **extra: Any) -> str:
-        secs = self.seconds
-        rate = items / secs if secs > 0 else float("inf")
-        tail = "".join(f", {k}={v}" for k, v in extra.items())
-        line = f"{self.what}: {items} {unit} in {secs:.1f} s ({rate:.2f} {unit}/s{tail})"
-        print(line, flush=True)
-        return line

@@ -1,10 +1,7 @@
 """The ``generate`` stage: ``n`` sampled completions per train prompt, in resumable shards.
 
-Output folder (``data/generations/``)::
-
-    chunk-00000.parquet ...  the samples of prompts [k*C, (k+1)*C) (C = generate.chunk_prompts),
-                             schema GENERATIONS, each tagged with the run fingerprint
-    manifest.json            written once every chunk is there; readers require it
+Output folder (``data/generations/``): chunk files and a manifest, the format of
+:mod:`alignpipe.artifacts.generations` (``score`` reads it from there).
 
 Sharding (the choice made here): one DVC stage and one output folder for any
 number of shards. Chunk ``k`` belongs to shard ``k % generate.num_shards``.
@@ -36,47 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from alignpipe.cli import Timer
-from alignpipe.generation import (
-    Backend,
-    PromptRequest,
-    build_requests,
-    load_chat_tokenizer,
-    loaded_backend,
-    resolve_backend,
+from alignpipe.artifacts.generations import (
+    FORMAT_VERSION,
+    Chunk,
+    plan_chunks,
+    prune_stale,
+    read_generations,
+    write_chunk,
+    write_manifest,
 )
-from alignpipe.io import ArtifactError, atomic_path, read_json, read_parquet, write_json
+from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json
+from alignpipe.artifacts.schema import PROMPTS
+from alignpipe.core.progress import Timer
+from alignpipe.generation.base import Backend, PromptRequest, build_requests, resolve_backend
+from alignpipe.generation.load import load_chat_tokenizer, loaded_backend
 from alignpipe.params import GenerateParams
-from alignpipe.schema import GENERATIONS, PROMPTS
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-FINGERPRINT_KEY = b"alignpipe.fingerprint"
 # Settings that change speed or memory but not the samples: changing them keeps finished chunks.
 NOT_FINGERPRINTED = {"num_shards", "batch_size", "gpu_memory_utilization", "tensor_parallel_size"}
 FULL_HASH_LIMIT = 1 << 30  # model files up to 1 GiB are hashed whole; larger ones by size and 16 sampled MiB
-
-
-@dataclass(frozen=True)
-class Chunk:
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def path_name(self) -> str:
-        return f"chunk-{self.index:05d}.parquet"
-
-
-def plan_chunks(n_prompts: int, chunk_prompts: int) -> list[Chunk]:
-    """Consecutive chunks of ``chunk_prompts`` prompts (the last one may be shorter)."""
-    return [
-        Chunk(k, s, min(s + chunk_prompts, n_prompts))
-        for k, s in enumerate(range(0, n_prompts, chunk_prompts))
-    ]
 
 
 def shard_chunks(chunks: Sequence[Chunk], num_shards: int, shard: int | None) -> list[Chunk]:
@@ -116,7 +91,7 @@ def fingerprint(
 ) -> str:
     """What decides the samples: model digest, rendered prompts, backend, device kind and dtype,
     sampling settings, chunking (``auto`` resolved, so a CPU and a GPU run never mix chunks)."""
-    from alignpipe.runtime import pick_device, resolve_dtype
+    from alignpipe.core.models import pick_device, resolve_dtype
 
     device = "cuda" if backend == "vllm" else pick_device().type
     settings = params.model_dump(exclude=NOT_FINGERPRINTED)
@@ -127,42 +102,6 @@ def fingerprint(
     for pid, req in zip(prompt_ids, requests, strict=True):
         h.update(f"{pid}\0{req.text}\0".encode())
     return h.hexdigest()[:32]
-
-
-def chunk_fingerprint(path: Path) -> str | None:
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (pa.ArrowException, OSError):
-        return None
-    value = metadata.get(FINGERPRINT_KEY)
-    return value.decode() if value else None
-
-
-def prune_stale(out_dir: Path, fp: str) -> set[str]:
-    """Delete chunk files (and a manifest) from other settings; return the names of valid chunks."""
-    manifest = out_dir / MANIFEST
-    if manifest.exists() and _manifest_fingerprint(manifest) != fp:
-        manifest.unlink()
-    valid = set()
-    for path in sorted(out_dir.glob("chunk-*.parquet")):
-        if chunk_fingerprint(path) == fp:
-            valid.add(path.name)
-        else:
-            path.unlink()
-    return valid
-
-
-def _manifest_fingerprint(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def write_chunk(path: Path, rows: list[dict[str, Any]], fp: str) -> None:
-    table = pa.Table.from_pylist(rows, schema=GENERATIONS.with_metadata({FINGERPRINT_KEY: fp.encode()}))
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
 
 
 def generate_chunk(
@@ -188,44 +127,6 @@ def generate_chunk(
         )
         for s in samples
     ]
-
-
-def read_generations(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All samples of a finished generate run (every shard), checked for completeness.
-
-    Rows come in prompt order, then sample_idx; each prompt has exactly ``n`` samples.
-    """
-    out_dir = Path(out_dir)
-    if not (out_dir / MANIFEST).exists():
-        present = len(list(out_dir.glob("chunk-*.parquet"))) if out_dir.is_dir() else 0
-        raise ArtifactError(
-            f"{out_dir}: incomplete, no {MANIFEST} ({present} chunk file(s) present); finish every shard "
-            "(stages/generate.py --shard i) or run `dvc repro generate`"
-        )
-    manifest = read_json(out_dir / MANIFEST)
-    rows: list[dict[str, Any]] = []
-    for name in manifest["files"]:
-        path = out_dir / name
-        if not path.exists():
-            raise ArtifactError(f"{path}: missing (listed in {MANIFEST}); run `dvc repro generate`")
-        if chunk_fingerprint(path) != manifest["fingerprint"]:
-            raise ArtifactError(f"{path}: from another run (fingerprint differs from {MANIFEST})")
-        rows += read_parquet(path, GENERATIONS)
-    _check_complete(rows, manifest, out_dir)
-    return rows
-
-
-def _check_complete(rows: list[dict[str, Any]], manifest: dict[str, Any], out_dir: Path) -> None:
-    n, n_prompts = manifest["n"], manifest["prompts"]
-    keys = {(r["prompt_id"], r["sample_idx"]) for r in rows}
-    prompts = {r["prompt_id"] for r in rows}
-    if len(rows) != n * n_prompts or len(keys) != len(rows) or len(prompts) != n_prompts:
-        raise ArtifactError(
-            f"{out_dir}: expected {n_prompts} prompts x {n} samples, found {len(rows)} rows "
-            f"({len(keys)} distinct, {len(prompts)} prompts)"
-        )
-    if any(not 0 <= r["sample_idx"] < n for r in rows):
-        raise ArtifactError(f"{out_dir}: sample_idx outside 0..{n - 1}")
 
 
 def _load_prompts(prompts_path: str | os.PathLike) -> tuple[list[str], list[Any]]:
@@ -327,17 +228,8 @@ def _finalize(
     """Write the manifest, check the whole output, and return its statistics."""
     for tmp in out_dir.glob(".*.tmp"):  # leftovers of a killed run (atomic_path temp folders)
         shutil.rmtree(tmp, ignore_errors=True)
-    manifest = {
-        "fingerprint": fp,
-        "format": FORMAT_VERSION,
-        "backend": backend,
-        "prompts": n_prompts,
-        "n": params.n,
-        "chunk_prompts": params.chunk_prompts,
-        "num_shards": params.num_shards,
-        "files": [c.path_name for c in chunks],
-    }
-    write_json(manifest, out_dir / MANIFEST)
+    write_manifest(out_dir, chunks, fp, backend=backend, prompts=n_prompts, n=params.n,
+                   chunk_prompts=params.chunk_prompts, num_shards=params.num_shards)  # fmt: skip
     rows = read_generations(out_dir)
     lengths = [r["n_tokens"] for r in rows]
     return {
@@ -355,3 +247,20 @@ def _distinct_rate(rows: list[dict[str, Any]], n: int) -> float:
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], set()).add(r["completion"])
     return sum(len(s) for s in by_prompt.values()) / (n * len(by_prompt))
+
+
+@dataclass(frozen=True)
+class GeneratePaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    model: Path
+    prompts: Path
+    out: Path
+    metrics: Path | None = None
+
+
+def run(params: GenerateParams, paths: GeneratePaths, shard: int | None = None) -> dict[str, Any]:
+    """The stage (one shard of it when ``shard`` is set); returns the metrics."""
+    return run_generate(
+        paths.model, paths.prompts, paths.out, params, shard=shard, metrics_path=paths.metrics
+    )

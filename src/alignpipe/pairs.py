@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignpipe import schema
-from alignpipe.io import atomic_path, read_parquet, write_json, write_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import atomic_path, read_parquet, write_json, write_parquet
 from alignpipe.params import PairsParams
 
 # Filter name -> the param that sets it (for the report and the empty-result error).
@@ -348,3 +348,22 @@ def pairs(
         flush=True,
     )
     return report
+
+
+@dataclass(frozen=True)
+class PairsPaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    scored: Path
+    prompts: Path
+    prepared: Path
+    out_dir: Path
+    report: Path
+    plots_dir: Path
+
+
+def run(params: PairsParams, paths: PairsPaths) -> dict[str, Any]:
+    """The stage: preference pairs from the scored samples; returns the report."""
+    return pairs(
+        paths.scored, paths.prompts, paths.prepared, paths.out_dir, paths.report, paths.plots_dir, params
+    )

@@ -13,8 +13,11 @@ checked here, so a bad setting fails before any stage runs, in the form too.
 
 from __future__ import annotations
 
+import atexit
 import difflib
+import json
 import os
+import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +40,7 @@ NonNegInt = Annotated[int, Field(ge=0)]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Launcher = str  # the command a stage runs under, e.g. "python" or "accelerate launch --config_file ..."
 
-# The losses of ``alignpipe.losses.LOSSES`` and the options each one reads, spelled out here so that
+# The losses of ``alignpipe.core.losses.LOSSES`` and the options each one reads, spelled out here so that
 # params stay free of torch (tests/test_params_checks.py checks that the two agree).
 LossName = Literal[
     "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -734,8 +737,46 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     return validate(Params, read_yaml(path), where=str(path))
 
 
+@typing.overload
+def load_section(section: Literal["base_model"], path: str | os.PathLike = ...) -> BaseModelParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["data"], path: str | os.PathLike = ...) -> DataParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["sft"], path: str | os.PathLike = ...) -> SftParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["generate"], path: str | os.PathLike = ...) -> GenerateParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["reward"], path: str | os.PathLike = ...) -> RewardParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["pairs"], path: str | os.PathLike = ...) -> PairsParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["ref_logps"], path: str | os.PathLike = ...) -> RefLogpsParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["dpo"], path: str | os.PathLike = ...) -> DpoParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["evaluate"], path: str | os.PathLike = ...) -> EvaluateParams: ...
+
+
 def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Section:
-    """Load one section (e.g. ``"dpo"``) through its model; other sections are not validated."""
+    """Load one section (e.g. ``"dpo"``) through its model; other sections are not validated.
+
+    Typed per section name (``load_section("dpo")`` is a ``DpoParams``), so stages need no casts."""
     if section not in Params.model_fields:
         close = difflib.get_close_matches(section, list(Params.model_fields), n=1)
         raise ParamsError(
@@ -746,4 +787,53 @@ def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Secti
     if unknown:
         validate(Params, {k: data[k] for k in unknown}, where=str(path))
     model = typing.cast(type[Section], Params.model_fields[section].annotation)
-    return validate(model, data.get(section), where=str(path), prefix=section)
+    loaded = validate(model, data.get(section), where=str(path), prefix=section)
+    if os.environ.get(TRACE_ENV):
+        _TRACE.watch(loaded, section)
+    return loaded
+
+
+TRACE_ENV = "ALIGNPIPE_PARAMS_TRACE"
+
+
+class ParamsTrace:
+    """Records which params keys a process reads, for the test that dvc.yaml lists them all.
+
+    With ``ALIGNPIPE_PARAMS_TRACE=<file>`` set, every section ``load_section`` returns is watched:
+    reading a field (``dpo.beta``, ``data.builtin.n_sft``) records its dotted key, and at exit one
+    JSON line ``{"script": ..., "keys": [...]}`` is appended to the file. Unset, nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.watched: dict[int, tuple[Section, str]] = {}  # id -> (the section, kept alive; its key)
+        self.keys: set[str] = set()
+        self.installed = False
+
+    def watch(self, section: Section, key: str) -> None:
+        self.watched[id(section)] = (section, key)
+        for name in type(section).model_fields:
+            value = object.__getattribute__(section, name)
+            if isinstance(value, Section):
+                self.watch(value, f"{key}.{name}")
+        if not self.installed:
+            self.installed = True
+            trace = self
+
+            def getattribute(obj: Any, name: str) -> Any:
+                value = object.__getattribute__(obj, name)
+                entry = trace.watched.get(id(obj))
+                if entry is not None and entry[0] is obj and name in type(obj).model_fields:
+                    trace.keys.add(f"{entry[1]}.{name}")
+                return value
+
+            Section.__getattribute__ = getattribute  # type: ignore[method-assign]
+            atexit.register(lambda: self.flush(sys.argv[0]))
+
+    def flush(self, script: str) -> None:
+        path = os.environ.get(TRACE_ENV)
+        if path:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"script": script, "keys": sorted(self.keys)}) + "\n")
+
+
+_TRACE = ParamsTrace()

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from alignpipe import schema
-from alignpipe.cli import Timer
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import atomic_path, write_json, write_parquet
+from alignpipe.core.progress import Timer
 from alignpipe.data import builtin
 from alignpipe.data.convert import FormatOptions, convert_source
 from alignpipe.data.errors import DataError
 from alignpipe.data.readers import is_builtin
-from alignpipe.io import atomic_path, write_json, write_parquet
 from alignpipe.params import DataParams, SourceParams
 
 BUILTIN = "builtin:verifiable-instructions"
@@ -119,3 +120,16 @@ def prepare(
     write_json(metrics, metrics_path)
     timer.summary(sum(len(r) for r in tables.values()), "rows", **{k: v["rows"] for k, v in metrics.items()})
     return metrics
+
+
+@dataclass(frozen=True)
+class PreparePaths:
+    """Where the stage writes (``dvc.yaml`` passes them on the command line)."""
+
+    out_dir: Path
+    metrics: Path
+
+
+def run(params: DataParams, paths: PreparePaths) -> dict[str, Any]:
+    """The stage: every source to ``paths.out_dir``; returns the metrics."""
+    return prepare(params, paths.out_dir, paths.metrics)

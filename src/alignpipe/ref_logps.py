@@ -1,30 +1,23 @@
 """The ``ref_logps`` stage: reference (SFT) log-probs of every train and eval pair, cached once.
 
 A sweep over ``dpo.beta`` or ``dpo.loss_type`` reuses them; ``dpo`` then holds no reference model.
-They go through the same path as the live reference of ``dpo`` (:func:`alignpipe.logprobs.load_reference`
-and :func:`~alignpipe.logprobs.pair_logps`), in length-sorted padding-free batches.
+They go through the same path as the live reference of ``dpo`` (:func:`alignpipe.core.logprobs.load_reference`
+and :func:`~alignpipe.core.logprobs.pair_scores`), in length-sorted padding-free batches.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignpipe import schema
-from alignpipe.chat import require_chat_template
-from alignpipe.cli import Timer
-from alignpipe.io import write_json, write_parquet
-from alignpipe.logprobs import (
-    DPO_LENGTH_KEYS,
-    Numerics,
-    PairDataError,
-    count_truncation,
-    load_reference,
-    read_pairs,
-    reference_logps,
-)
-from alignpipe.params import RefLogpsParams
-from alignpipe.runtime import load_tokenizer, pick_device
+from alignpipe.artifacts.io import write_json
+from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, PairDataError, count_truncation, read_pairs
+from alignpipe.core.chat import require_chat_template
+from alignpipe.core.logprobs import Numerics, load_reference, pair_scores
+from alignpipe.core.models import load_tokenizer, pick_device
+from alignpipe.core.progress import Timer
+from alignpipe.params import DpoParams, RefLogpsParams
 
 SPLITS = ("train", "eval")
 
@@ -62,14 +55,48 @@ def run_ref_logps(
     scorer = load_reference(model_dir, numerics, device)
     timer = Timer("ref_logps")
     with numerics.context(device):
-        rows = reference_logps(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
+        scores = pair_scores(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
     n_tokens = sum(p.n_tokens for p in pairs)
     timer.summary(
         len(pairs), "pairs", tokens=n_tokens, tokens_per_s=round(n_tokens / max(timer.seconds, 1e-9))
     )
-    write_parquet(rows, out, schema.REF_LOGPS)
+    scores.write(out)
     summary = {"pairs": len(pairs), "tokens": n_tokens, "truncation": truncation.as_dict(),
                "seconds": round(timer.seconds, 2)}  # fmt: skip
     if metrics is not None:
         write_json(summary, metrics)
     return summary
+
+
+@dataclass(frozen=True)
+class RefLogpsPaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    model: Path
+    pairs: Path
+    out: Path
+    metrics: Path | None = None  # pairs, tokens, truncation, seconds
+
+
+@dataclass(frozen=True)
+class RefLogpsSettings:
+    """The sections the stage reads: its own, and of ``dpo`` the tokenization lengths and how its
+    policy computes (``dpo.dtype``, ``dpo.peft.enabled``, ``dpo.peft.load_in_4bit``)."""
+
+    ref_logps: RefLogpsParams
+    dpo: DpoParams
+
+
+def run(params: RefLogpsSettings, paths: RefLogpsPaths) -> dict[str, Any]:
+    """The stage: reference log-probs of every pair; returns counts and time."""
+    dpo = params.dpo
+    return run_ref_logps(
+        paths.model,
+        paths.pairs,
+        paths.out,
+        params.ref_logps,
+        dpo.max_length,
+        dpo.max_prompt_length,
+        paths.metrics,
+        Numerics.of_policy(dpo.dtype, dpo.peft.enabled, dpo.peft.load_in_4bit),  # how dpo computes
+    )

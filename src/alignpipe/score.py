@@ -1,6 +1,6 @@
 """The ``score`` stage: a reward for every generated completion.
 
-Reads ``data/generations/`` (through ``alignpipe.generate.read_generations``, which refuses an
+Reads ``data/generations/`` (through ``alignpipe.artifacts.generations.read_generations``, which refuses an
 unfinished run) and the prompts they answer, scores each completion with the configured
 reward (``alignpipe.rewards``) and writes
 ``data/scored.parquet`` (schema SCORED: every generation column + ``reward`` +
@@ -14,14 +14,17 @@ import json
 import os
 import statistics
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from alignpipe import schema
-from alignpipe.cli import Timer
-from alignpipe.generate import read_generations
-from alignpipe.io import ArtifactError, read_parquet, write_json, write_parquet
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.generations import read_generations
+from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json, write_parquet
+from alignpipe.core.progress import Timer
 from alignpipe.params import RewardParams
-from alignpipe.rewards import Reward, RewardResult, get_reward, reward_truncation, score_completions
+from alignpipe.rewards.base import Reward, RewardResult, reward_truncation, score_completions
+from alignpipe.rewards.load import get_reward
 
 
 def score_rows(
@@ -107,3 +110,18 @@ def score(
         )
     reward_truncation(results).warn("score", "conversations", "reward.max_length")
     return metrics
+
+
+@dataclass(frozen=True)
+class ScorePaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    generations: Path
+    prompts: Path
+    out: Path
+    metrics: Path
+
+
+def run(params: RewardParams, paths: ScorePaths) -> dict[str, Any]:
+    """The stage: a reward for every generation; returns the metrics."""
+    return score(paths.generations, paths.prompts, paths.out, paths.metrics, params)

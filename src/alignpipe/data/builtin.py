@@ -33,7 +33,7 @@ from alignpipe.data.builtin_families import (
     sample_constraint,
 )
 
-__all__ = ["FAMILIES", "TaskItem", "Verdict", "make_items", "verify"]
+__all__ = ["FAMILIES", "TaskItem", "Verdict", "make_items", "primary_family", "verify"]
 
 Split = Literal["sft", "prompts", "eval"]
 SPLITS: tuple[str, ...] = ("sft", "prompts", "eval")
@@ -297,3 +297,14 @@ def _fit_sentences(pool: list[str], budget: int, most: int = 2) -> list[str]:
         if len(chosen) < most and _words([*chosen, sentence]) <= budget:
             chosen.append(sentence)
     return chosen or [min(pool, key=lambda s: len(s.split()))]
+
+
+def primary_family(meta: str | None) -> str | None:
+    """``spec.constraints[0].family`` of a built-in prompt's meta JSON; None for other prompts."""
+    if not meta:
+        return None
+    try:
+        spec = json.loads(meta)
+        return str(spec["constraints"][0]["family"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None

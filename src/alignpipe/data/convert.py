@@ -54,7 +54,7 @@ __all__ = [
     "to_prompt_row",
     "to_sft_row",
 ]
-# The id column of each kind's artifact (alignpipe.schema) and its id prefix.
+# The id column of each kind's artifact (alignpipe.artifacts.schema) and its id prefix.
 ID_COLUMNS = {"sft": ("id", "sft"), "prompts": ("prompt_id", "prompt"), "preferences": ("pair_id", "pair")}
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from alignpipe.generation import PromptRequest, Sample
+from alignpipe.generation.base import PromptRequest, Sample
 from alignpipe.params import SamplingParams
 
 STOP_CHECK_EVERY = 8  # steps between stop-string checks (they decode every live row)
@@ -184,7 +184,7 @@ class HFBackend:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, settings: SamplingParams, tokenizer: Any) -> HFBackend:
-        from alignpipe.runtime import load_causal_lm
+        from alignpipe.core.models import load_causal_lm
 
         return cls(load_causal_lm(model_dir, dtype=settings.dtype), tokenizer, settings)
 

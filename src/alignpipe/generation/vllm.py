@@ -22,9 +22,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from alignpipe.generation import GenerationError, PromptRequest, Sample
+from alignpipe.core.models import resolve_dtype
+from alignpipe.generation.base import GenerationError, PromptRequest, Sample
 from alignpipe.params import SamplingParams
-from alignpipe.runtime import resolve_dtype
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's "abort" (or anything else) is an error
 

@@ -6,8 +6,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from alignpipe.chat import Message
-from alignpipe.rewards import RewardError, RewardResult
+from alignpipe.core.chat import Message
+from alignpipe.rewards.base import RewardError, RewardResult
 
 
 class BuiltinReward:

@@ -23,9 +23,9 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from alignpipe.chat import Message, encode_ids, fit_prompt, shorten_message
-from alignpipe.rewards import RewardError, RewardResult
-from alignpipe.runtime import check_model_folder, load_tokenizer, pick_device, resolve_dtype
+from alignpipe.core.chat import Message, encode_ids, fit_prompt, shorten_message
+from alignpipe.core.models import check_model_folder, load_tokenizer, pick_device, resolve_dtype
+from alignpipe.rewards.base import RewardError, RewardResult
 
 
 class HFReward:

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from alignpipe.chat import Message
-from alignpipe.rewards import RewardError, RewardResult
+from alignpipe.core.chat import Message
+from alignpipe.rewards.base import RewardError, RewardResult
 
 
 class PythonReward:

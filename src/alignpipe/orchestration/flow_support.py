@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from alignpipe.io import atomic_path
+from alignpipe.artifacts.io import atomic_path
 from alignpipe.params import Params, read_yaml, validate
 
 MODELS = ("base", "sft", "dpo")  # columns of the eval table, when reports/eval.json has them

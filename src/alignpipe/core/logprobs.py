@@ -1,7 +1,7 @@
 """The one tokenization and log-prob path shared by ``ref_logps``, ``dpo`` and ``evaluate``.
 
 A pair becomes two token sequences (prompt + chosen, prompt + rejected) through
-:func:`alignpipe.chat.encode_completion`: the prompt is masked, the completion ends
+:func:`alignpipe.core.chat.encode_completion`: the prompt is masked, the completion ends
 with exactly one EOS. A batch of B pairs goes through the model in one forward:
 sequences ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
 
@@ -15,7 +15,7 @@ sequences ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
   (one row of 1112 tokens took 1.1-1.9x the time of 15 binned rows of 99 tokens,
   135M model fwd+bwd on CPU).
 - Padded: 2B right-padded rows with an attention mask.
-- Shared prompt (``share_prompt=True``, models on sdpa, see :mod:`alignpipe.attention`): each pair
+- Shared prompt (``share_prompt=True``, models on sdpa, see :mod:`alignpipe.core.attention`): each pair
   is laid out once as ``[prompt][chosen tail][rejected tail]`` in one row, and the prompt goes
   through the model once for both sides (15-20% fewer tokens with prompts at 30% of a sequence).
 
@@ -27,7 +27,7 @@ minus the logsumexp of its row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,91 +36,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from alignpipe import schema
-from alignpipe.attention import Segments, common_prefix, enable_shared_prompt
-from alignpipe.chat import ChatTemplateError, Encoded, Truncation, TruncationError, encode_completion
-from alignpipe.io import read_parquet
+from alignpipe.artifacts.pairs import EncodedPair
+from alignpipe.artifacts.ref_logps import PairScores
+from alignpipe.core.attention import Segments, common_prefix, enable_shared_prompt
+from alignpipe.core.chat import Encoded
 
 # Logits held at once per chunk: 2**26 floats = 256 MiB in float32 (1365 tokens of a 49k vocabulary).
 LOGIT_BUDGET = 2**26
-
-
-class PairDataError(ValueError):
-    """A pair cannot be encoded; the message names the file, the pair and the field."""
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    """One pair as token ids: the same prompt with the chosen and with the rejected completion."""
-
-    pair_id: str
-    chosen: Encoded
-    rejected: Encoded
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
-
-
-def _check_completion(value: Any, field: str, where: str) -> None:
-    if not (isinstance(value, Sequence) and len(value) == 1 and value[0].get("role") == "assistant"):
-        raise PairDataError(f"{where}: field '{field}': expected exactly one assistant message")
-
-
-def encode_pair(
-    tokenizer: Any, row: Mapping[str, Any], max_length: int, max_prompt_length: int, where: str = "pairs"
-) -> EncodedPair:
-    """Encode one row of ``schema.PAIRS`` (prompt messages, one assistant message each side)."""
-    pair_id = str(row["pair_id"])
-    where = f"{where}: pair {pair_id}"
-    _check_completion(row["chosen"], "chosen", where)
-    _check_completion(row["rejected"], "rejected", where)
-    try:
-        chosen, rejected = (
-            encode_completion(tokenizer, row["prompt"], row[side], max_length, max_prompt_length)
-            for side in ("chosen", "rejected")
-        )
-    except ChatTemplateError as exc:
-        raise PairDataError(f"{where}: {exc}") from None
-    except TruncationError as exc:
-        raise PairDataError(
-            f"{where}: {exc} (dpo.max_length={max_length}, dpo.max_prompt_length={max_prompt_length}; "
-            "raise dpo.max_prompt_length)"
-        ) from None
-    if not chosen.prompt_ids:
-        raise PairDataError(f"{where}: field 'prompt': renders to no tokens (nothing predicts the answer)")
-    return EncodedPair(pair_id, chosen, rejected)
-
-
-def encode_pairs(
-    tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: int, max_prompt_length: int, where: str
-) -> list[EncodedPair]:
-    return [encode_pair(tokenizer, row, max_length, max_prompt_length, where) for row in rows]
-
-
-def count_truncation(pairs: Sequence[EncodedPair]) -> Truncation:
-    """Pairs cut to dpo.max_length / dpo.max_prompt_length: their prompt, a completion, or both."""
-    counts = Truncation()
-    for pair in pairs:
-        counts.count(
-            pair.chosen.prompt_cut or pair.rejected.prompt_cut,
-            pair.chosen.completion_cut or pair.rejected.completion_cut,
-        )
-    return counts
-
-
-DPO_LENGTH_KEYS = "dpo.max_length / dpo.max_prompt_length"
-
-
-def read_pairs(path: Path, tokenizer: Any, max_length: int, max_prompt_length: int) -> list[EncodedPair]:
-    """Read and encode ``data/pairs/<split>.parquet``; pair ids must be unique."""
-    rows = read_parquet(path, schema.PAIRS)
-    seen: set[str] = set()
-    for i, row in enumerate(rows):
-        if row["pair_id"] in seen:
-            raise PairDataError(f"{path}: row {i}: field 'pair_id': duplicate id {row['pair_id']!r}")
-        seen.add(row["pair_id"])
-    return encode_pairs(tokenizer, rows, max_length, max_prompt_length, where=str(path))
 
 
 @dataclass(frozen=True)
@@ -189,6 +111,15 @@ def collate_pairs(
     if padding_free and share_prompt:
         return _collate_shared(pairs)
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    input_ids, position_ids, attention_mask, where = _layout(seqs, padding_free, pad_token_id, row_tokens)
+    return _pair_batch(pairs, where, input_ids, position_ids, attention_mask)
+
+
+def _layout(
+    seqs: Sequence[Encoded], padding_free: bool, pad_token_id: int, row_tokens: int | None
+) -> tuple[Tensor, Tensor, Tensor | None, list[Tensor]]:
+    """``seqs`` laid out in padded rows or padding-free rows: (input_ids, position_ids, attention_mask,
+    the flat index of every token of each sequence)."""
     n_rows, row_len, starts = _row_starts([len(s.input_ids) for s in seqs], padding_free, row_tokens)
     input_ids = torch.full((n_rows, row_len), pad_token_id, dtype=torch.long)
     # a row's unused tail keeps arbitrary positions: it is never scored and, being last, never attended to
@@ -203,7 +134,7 @@ def collate_pairs(
         if attention_mask is not None:
             attention_mask[i, :n] = 1
         where.append(torch.arange(start, start + n))
-    return _pair_batch(pairs, where, input_ids, position_ids, attention_mask)
+    return input_ids, position_ids, attention_mask, where
 
 
 def _collate_shared(pairs: Sequence[EncodedPair]) -> PairBatch:
@@ -235,25 +166,31 @@ def _pair_batch(
     """The :class:`PairBatch` of ``pairs`` laid out in ``input_ids``; ``where[i]`` holds the flat
     index of every token of sequence i (chosen sides first, then rejected)."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    predict, targets, seq_index = [], [], []
-    for i, (seq, at) in enumerate(zip(seqs, where, strict=True)):
-        p, c = len(seq.prompt_ids), len(seq.completion_ids)
-        # the token at t - 1 predicts token t: completion tokens p..p+c-1 from positions p-1..p+c-2
-        predict.append(at[p - 1 : p + c - 1])
-        targets.append(torch.tensor(seq.completion_ids))
-        seq_index.append(torch.full((c,), i))
+    predict, targets, seq_index = _scored_positions(seqs, where)
     return PairBatch(
         pair_ids=[p.pair_id for p in pairs],
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=attention_mask,
-        predict_index=torch.cat(predict),
-        target_ids=torch.cat(targets),
-        sequence_index=torch.cat(seq_index),
+        predict_index=predict,
+        target_ids=targets,
+        sequence_index=seq_index,
         completion_tokens=torch.tensor([len(s.completion_ids) for s in seqs]),
         n_tokens=sum(len(s.input_ids) for s in seqs),
         segments=segments,
     )
+
+
+def _scored_positions(seqs: Sequence[Encoded], where: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(predict_index, target_ids, sequence_index) of the completion tokens of ``seqs``."""
+    predict, targets, seq_index = [], [], []
+    for i, (seq, at) in enumerate(zip(seqs, where, strict=True)):
+        p, c = len(seq.prompt_ids), len(seq.completion_ids)
+        # the token at t - 1 predicts token t: completion tokens p..p+c-1 from positions p-1..p+c-2
+        predict.append(at[p - 1 : p + c - 1])
+        targets.append(torch.tensor(seq.completion_ids, dtype=torch.long))
+        seq_index.append(torch.full((c,), i))
+    return torch.cat(predict), torch.cat(targets), torch.cat(seq_index)
 
 
 @dataclass(frozen=True)
@@ -294,7 +231,7 @@ class CompletionScorer(nn.Module):
 
     Being a module, it is what ``accelerator.prepare`` wraps (DDP, FSDP, DeepSpeed), so the decoder
     and the chunked LM head run inside the wrapper's forward. A model on sdpa is switched to
-    :mod:`alignpipe.attention`'s implementation (sdpa itself unless a batch has shared-prompt segments).
+    :mod:`alignpipe.core.attention`'s implementation (sdpa itself unless a batch has shared-prompt segments).
     """
 
     def __init__(self, model: nn.Module, logit_budget: int = LOGIT_BUDGET) -> None:
@@ -419,7 +356,7 @@ class Numerics:
     def of_policy(cls, dtype: str, peft: bool, load_in_4bit: bool, device: torch.device | str | None = None) -> Numerics:  # fmt: skip
         """Full fine-tuning keeps float32 master weights under autocast to ``dtype`` (bf16 on GPU for
         ``auto``); LoRA keeps the base in ``dtype`` (its adapters add exact zeros at step 1)."""
-        from alignpipe.runtime import resolve_dtype
+        from alignpipe.core.models import resolve_dtype
 
         compute = resolve_dtype(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
         autocast = None if compute == torch.float32 else compute
@@ -437,7 +374,7 @@ class Numerics:
 
 def load_model(path: str | Path, numerics: Numerics, device: torch.device) -> nn.Module:
     """The causal LM at ``path`` as ``numerics`` say (dtype, or a 4-bit base): policy and reference."""
-    from alignpipe.runtime import load_causal_lm, load_causal_lm_4bit
+    from alignpipe.core.models import load_causal_lm, load_causal_lm_4bit
 
     if numerics.load_in_4bit:
         return load_causal_lm_4bit(path, device)
@@ -462,7 +399,7 @@ def length_sorted_batches(pairs: Sequence[EncodedPair], batch_size: int) -> Iter
 
 
 @torch.inference_mode()
-def reference_logps(
+def pair_scores(
     scorer: CompletionScorer,
     pairs: Sequence[EncodedPair],
     batch_size: int,
@@ -470,33 +407,58 @@ def reference_logps(
     padding_free: bool = True,
     progress: bool = False,
     desc: str = "ref_logps",
-) -> list[dict[str, Any]]:
-    """Rows of ``schema.REF_LOGPS`` for ``pairs`` (in their order) under a frozen scorer in eval mode."""
+    share_prompt: bool = True,
+) -> PairScores:
+    """Summed completion log-probs of ``pairs`` (in their order) under a frozen scorer in eval mode."""
     from tqdm.auto import tqdm
 
     device = next(scorer.parameters()).device
-    row_tokens, share = pack_row_tokens(scorer), shares_prompt(scorer)
-    rows: dict[str, dict[str, Any]] = {}
+    row_tokens, share = pack_row_tokens(scorer), share_prompt and shares_prompt(scorer)
+    found: dict[str, tuple[float, float, int, int]] = {}
     with tqdm(total=len(pairs), unit="pair", desc=desc, disable=not progress) as bar:
         for index in length_sorted_batches(pairs, batch_size):
             chunk = [pairs[i] for i in index]
             batch = collate_pairs(chunk, padding_free, pad_token_id, row_tokens, share).to(device)
             out = pair_logps(scorer, batch)
             values = zip(
-                batch.pair_ids,
                 out.chosen_logps.tolist(),
                 out.rejected_logps.tolist(),
                 out.chosen_tokens.tolist(),
                 out.rejected_tokens.tolist(),
                 strict=True,
             )
-            for pair_id, chosen, rejected, n_chosen, n_rejected in values:
-                rows[pair_id] = {
-                    "pair_id": pair_id,
-                    "ref_chosen_logps": chosen,
-                    "ref_rejected_logps": rejected,
-                    "chosen_tokens": n_chosen,
-                    "rejected_tokens": n_rejected,
-                }
+            found.update(zip(batch.pair_ids, values, strict=True))
             bar.update(len(index))
-    return [rows[p.pair_id] for p in pairs]
+    return PairScores.from_rows([p.pair_id for p in pairs], [found[p.pair_id] for p in pairs])
+
+
+@torch.inference_mode()
+def sequence_logps(
+    scorer: CompletionScorer,
+    seqs: Sequence[Encoded],
+    batch_size: int,
+    pad_token_id: int,
+    progress: bool = False,
+    desc: str = "logps",
+) -> Tensor:
+    """Summed completion log-prob (float64, (S,)) of each sequence, in ``seqs`` order, under a frozen
+    scorer: length-sorted padding-free batches, rows as :func:`pack_row_tokens` gives them."""
+    from tqdm.auto import tqdm
+
+    device = next(scorer.parameters()).device
+    row_tokens = pack_row_tokens(scorer)
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].input_ids))
+    with tqdm(total=len(seqs), unit="seq", desc=desc, disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            chunk = [seqs[i] for i in index]
+            input_ids, position_ids, _, where = _layout(chunk, True, pad_token_id, row_tokens)
+            predict, targets, seq_index = _scored_positions(chunk, where)
+            token_logps, _ = scorer(
+                input_ids.to(device), position_ids.to(device), None, predict.to(device), targets.to(device)
+            )
+            sums = torch.zeros(len(chunk), dtype=token_logps.dtype, device=device)
+            out[index] = sums.index_add(0, seq_index.to(device), token_logps).double().cpu()
+            bar.update(len(index))
+    return out

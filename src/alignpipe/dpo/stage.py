@@ -16,54 +16,73 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from alignpipe import losses
-from alignpipe.chat import require_chat_template
-from alignpipe.cli import Timer
-from alignpipe.dpo_data import DpoPairs, epoch_batches, load_split, micro_batches, steps_per_epoch
-from alignpipe.logprobs import (
-    DPO_LENGTH_KEYS,
+from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation
+from alignpipe.core import losses
+from alignpipe.core.chat import require_chat_template
+from alignpipe.core.logprobs import (
     CompletionScorer,
     Numerics,
     PairLogps,
     collate_pairs,
-    count_truncation,
     load_model,
     load_reference,
     pack_row_tokens,
     pair_logps,
     shares_prompt,
 )
-from alignpipe.params import DpoParams
-from alignpipe.runtime import (
+from alignpipe.core.models import (
     accelerator_kwargs,
     enable_activation_checkpointing,
     load_tokenizer,
     seed_everything,
 )
-from alignpipe.training import (
-    MetricsLog,
-    NonFiniteError,
-    Window,
-    apply_peft,
-    build_optimizer,
-    build_scheduler,
+from alignpipe.core.objective import combined_loss, preference_loss
+from alignpipe.core.progress import Timer
+from alignpipe.dpo.data import (
+    DpoPairs,
+    epoch_batches,
+    file_batches,
+    load_split,
+    micro_batches,
+    steps_per_epoch,
+)
+from alignpipe.params import DpoParams
+from alignpipe.training.checkpoints import (
+    checkpoint_history,
     find_checkpoint,
-    fingerprint,
-    fsdp_units,
     load_checkpoint,
     save_checkpoint,
-    save_model,
-    unquantized_copy,
 )
+from alignpipe.training.fingerprint import fingerprint
+from alignpipe.training.loop import (
+    NonFiniteError,
+    Window,
+    build_optimizer,
+    build_scheduler,
+    fsdp_units,
+    save_model,
+)
+from alignpipe.training.metrics import MetricsLog
+from alignpipe.training.peft import apply_peft, unquantized_copy
 
 # Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
           "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """Switches of the loop that are not params: ``bench/dpo_throughput.py`` turns them for its
+    parity run (``data_order="file"``: TRL's sequential order) and its ablations."""
+
+    data_order: Literal["length_grouped", "file"] = "length_grouped"
+    shared_prompt: bool = True  # pairs run their prompt once where the model allows it
+    fused_adamw: bool = True
 
 
 @dataclass
@@ -81,7 +100,8 @@ class DpoRun:
     pad_token_id: int
     total_steps: int
     row_tokens: int | None  # padding-free row capacity (logprobs.pack_row_tokens)
-    share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.attention)
+    share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.core.attention)
+    options: LoopOptions = LoopOptions()
 
     @property
     def global_size(self) -> int:
@@ -108,9 +128,9 @@ def pair_losses(policy: PairLogps, ref_chosen: Tensor, ref_rejected: Tensor, p: 
     )
     logps = (policy.chosen_logps, policy.rejected_logps, ref_chosen, ref_rejected)
     if isinstance(p.loss_type, str):
-        return losses.preference_loss(p.loss_type, *logps, **common)
+        return preference_loss(p.loss_type, *logps, **common)
     weights = p.loss_weights or [1.0] * len(p.loss_type)
-    return losses.combined_loss(p.loss_type, weights, *logps, **common)
+    return combined_loss(p.loss_type, weights, *logps, **common)
 
 
 def check_loss(p: DpoParams) -> None:
@@ -218,12 +238,10 @@ def evaluate(run: DpoRun) -> dict[str, float]:
 
 
 @torch.no_grad()
-def sync_reference(run: DpoRun) -> None:
+def sync_reference(policy_model: nn.Module, reference: nn.Module, alpha: float) -> None:
     """TR-DPO soft update of the live reference: ``ref <- alpha * policy + (1 - alpha) * ref``."""
-    assert run.ref_scorer is not None
-    policy = merged_weights(run.accelerator.unwrap_model(run.scorer).model)
-    alpha = run.params.ref_sync_alpha
-    for name, ref in run.ref_scorer.model.named_parameters():
+    policy = merged_weights(policy_model)
+    for name, ref in reference.named_parameters():
         ref.mul_(1 - alpha).add_(policy[name].to(ref.dtype), alpha=alpha)
 
 
@@ -251,7 +269,11 @@ def schedule(run: DpoRun, start: int) -> Any:
     lengths = [pair.n_tokens for pair in run.train.pairs]
     step, epoch = 0, 0
     while True:
-        for global_batch in epoch_batches(lengths, run.global_size, p.seed, epoch):
+        if run.options.data_order == "file":
+            order = file_batches(len(lengths), run.global_size)
+        else:
+            order = epoch_batches(lengths, run.global_size, p.seed, epoch)
+        for global_batch in order:
             micros = micro_batches(global_batch, acc.num_processes, acc.process_index, p.grad_accum)
             if micros is None:
                 continue
@@ -276,7 +298,7 @@ def log_window(log: MetricsLog, step: int, window: Window, last: StepStats) -> N
     log.log(step, metrics)
 
 
-def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: str) -> dict[str, Any]:
+def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: dict[str, Any]) -> dict[str, Any]:
     """The loop: step, sync the TR-DPO reference, log, evaluate, checkpoint."""
     from tqdm.auto import tqdm
 
@@ -289,14 +311,15 @@ def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: str) 
         window.add(stats.sums, stats.pairs, stats.tokens, time.perf_counter() - t0)
         pairs_seen += stats.pairs
         if p.ref_sync_steps and step % p.ref_sync_steps == 0:
-            sync_reference(run)
+            assert run.ref_scorer is not None
+            sync_reference(acc.unwrap_model(run.scorer).model, run.ref_scorer.model, p.ref_sync_alpha)
         if step % p.logging_steps == 0 or step == run.total_steps:
             log_window(log, step, window, stats)
             window = Window.empty()
         if run.eval is not None and (step % p.eval_steps == 0 or step == run.total_steps):
             log.log(step, evaluate(run))
         if step % p.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(acc, checkpoints, step, fp, run.scheduler, run.ref_scorer)
+            save_checkpoint(acc, checkpoints, step, fp, run.scheduler, run.ref_scorer, log.history)
         bar.update(1)
     bar.close()
     if acc.is_main_process:
@@ -306,7 +329,9 @@ def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: str) 
             "train_seconds": round(timer.seconds, 2), "train_pairs_per_s": round(rate, 3)}  # fmt: skip
 
 
-def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoParams) -> tuple[DpoRun, Any]:
+def build_run(
+    model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoParams, options: LoopOptions = LoopOptions()
+) -> tuple[DpoRun, Any]:
     """Accelerator, data, policy (LoRA when asked), live reference, optimizer and scheduler."""
     from accelerate import Accelerator
 
@@ -326,14 +351,15 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
     model = load_model(model_dir, numerics, acc.device)  # the ref_logps stage loads the same way
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    scorer = CompletionScorer(apply_peft(model, params)).train()
+    scorer = CompletionScorer(apply_peft(model, params.peft)).train()
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
     ref = load_reference(model_dir, numerics, acc.device) if params.reference == "live" else None
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
-    optimizer = build_optimizer(scorer, params)
+    share = share and options.shared_prompt
+    optimizer = build_optimizer(scorer, params, fused=options.fused_adamw)
     global_size = params.batch_size * params.grad_accum * acc.num_processes
     per_epoch = steps_per_epoch(len(train_data), global_size, params.grad_accum * acc.num_processes)
     total = params.max_steps if params.max_steps > 0 else params.epochs * per_epoch
@@ -352,7 +378,7 @@ def build_run(model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoPara
             "dpo: accelerate applies FSDP to GPU processes only: these CPU ones run data parallel", flush=True
         )
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
-                 tokenizer.pad_token_id, total, row_tokens, share)  # fmt: skip
+                 tokenizer.pad_token_id, total, row_tokens, share, options)  # fmt: skip
     return run, tokenizer
 
 
@@ -369,17 +395,17 @@ def run_dpo(
     check_loss(params)
     run, tokenizer = build_run(model_dir, pairs_dir, ref_logps, params)
     acc = run.accelerator
-    fp = fingerprint(params, [model_dir, pairs_dir / "train.parquet", ref_logps])
-    fp += f"-{acc.num_processes}p"  # another world size: another global batch and shard layout (as sft's)
+    inputs = {"model": model_dir, "train pairs": pairs_dir / "train.parquet", "ref_logps": ref_logps}
+    fp = fingerprint(params, inputs, acc.num_processes)
     if acc.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        find_checkpoint(checkpoints, fp)  # deletes stale ones
+        find_checkpoint(checkpoints, fp, "dpo")  # deletes stale ones
     acc.wait_for_everyone()
-    found = find_checkpoint(checkpoints, fp)
+    found = find_checkpoint(checkpoints, fp, "dpo")
     start = load_checkpoint(acc, found, run.scheduler, run.ref_scorer) if found else 0
     if found and acc.is_main_process:
         print(f"dpo: resuming from {found} (step {start} of {run.total_steps})", flush=True)
-    log = MetricsLog(metrics_dir, acc.is_main_process, resume_step=start)
+    log = MetricsLog(metrics_dir, acc.is_main_process, checkpoint_history(found) if found else ())
     truncation = count_truncation(run.train.pairs + (run.eval.pairs if run.eval else []))
     if acc.is_main_process:
         truncation.warn("dpo", "pairs", DPO_LENGTH_KEYS)
@@ -388,9 +414,27 @@ def run_dpo(
     state = acc.get_state_dict(run.scorer)
     if acc.is_main_process:
         policy = acc.unwrap_model(run.scorer).model
-        policy = unquantized_copy(policy, model_dir, params) if params.peft.load_in_4bit else policy
+        policy = unquantized_copy(policy, model_dir, params.peft) if params.peft.load_in_4bit else policy
         full = None if params.peft.enabled else {k.removeprefix("model."): v for k, v in state.items()}
         save_model(policy, full, tokenizer, out_dir)
         log.close(summary)
     acc.wait_for_everyone()
     return summary
+
+
+@dataclass(frozen=True)
+class DpoPaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    model: Path
+    pairs: Path
+    ref_logps: Path
+    out: Path
+    checkpoints: Path
+    metrics_dir: Path
+
+
+def run(params: DpoParams, paths: DpoPaths) -> dict[str, Any]:
+    """The stage: train, resuming from a matching checkpoint; returns the summary."""
+    p = paths
+    return run_dpo(p.model, p.pairs, p.ref_logps, p.out, p.checkpoints, p.metrics_dir, params)

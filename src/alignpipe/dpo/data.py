@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 
-from alignpipe import schema
-from alignpipe.io import ArtifactError, read_parquet
-from alignpipe.logprobs import EncodedPair, read_pairs
+from alignpipe.artifacts.pairs import EncodedPair, read_pairs
+from alignpipe.artifacts.ref_logps import PairScores
 
 # Length grouping: a window of this many global batches is sorted by length before it is cut.
 GROUP_WINDOW = 16
@@ -41,34 +40,17 @@ class DpoPairs:
         return self.ref_chosen[idx], self.ref_rejected[idx]
 
 
-def join_ref_logps(pairs: list[EncodedPair], ref_rows: dict[str, dict[str, Any]], where: str) -> DpoPairs:
+def join_ref_logps(pairs: list[EncodedPair], scores: PairScores, where: str) -> DpoPairs:
     """Attach reference log-probs; a missing pair or a token count that differs means stale ref_logps."""
-    chosen, rejected = [], []
-    for pair in pairs:
-        row = ref_rows.get(pair.pair_id)
-        if row is None:
-            raise ArtifactError(
-                f"{where}: no reference log-probs for pair {pair.pair_id!r} (rerun ref_logps)"
-            )
-        counts = (len(pair.chosen.completion_ids), len(pair.rejected.completion_ids))
-        if (row["chosen_tokens"], row["rejected_tokens"]) != counts:
-            raise ArtifactError(
-                f"{where}: pair {pair.pair_id!r}: token counts {row['chosen_tokens']}/{row['rejected_tokens']} "
-                f"differ from the tokenization here {counts[0]}/{counts[1]} (stale ref_logps; rerun it)"
-            )
-        chosen.append(row["ref_chosen_logps"])
-        rejected.append(row["ref_rejected_logps"])
-    return DpoPairs(
-        pairs, torch.tensor(chosen, dtype=torch.float32), torch.tensor(rejected, dtype=torch.float32)
-    )
+    ref = scores.aligned(pairs, where)
+    return DpoPairs(pairs, ref.chosen.float(), ref.rejected.float())
 
 
 def load_split(
     pairs_dir: Path, split: str, ref_logps: Path, tokenizer: Any, max_length: int, max_prompt_length: int
 ) -> DpoPairs:
     pairs = read_pairs(pairs_dir / f"{split}.parquet", tokenizer, max_length, max_prompt_length)
-    ref_rows = {row["pair_id"]: row for row in read_parquet(ref_logps, schema.REF_LOGPS)}
-    return join_ref_logps(pairs, ref_rows, where=str(ref_logps))
+    return join_ref_logps(pairs, PairScores.read(ref_logps), where=str(ref_logps))
 
 
 def epoch_batches(lengths: Sequence[int], global_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -86,6 +68,11 @@ def epoch_batches(lengths: Sequence[int], global_size: int, seed: int, epoch: in
         batches += [chunk[j : j + global_size] for j in range(0, len(chunk), global_size)]
     rng.shuffle(batches)
     return batches
+
+
+def file_batches(n_pairs: int, global_size: int) -> list[list[int]]:
+    """Global batches in file order, no shuffle and no length grouping (TRL's sequential sampler)."""
+    return [list(range(i, min(i + global_size, n_pairs))) for i in range(0, n_pairs, global_size)]
 
 
 def micro_batches(

@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from alignpipe.chat import require_chat_template
-from alignpipe.cli import Timer
-from alignpipe.io import atomic_path, read_parquet, write_json
-from alignpipe.params import SftParams
-from alignpipe.runtime import (
+from alignpipe.artifacts.io import atomic_path, read_parquet, write_json
+from alignpipe.artifacts.schema import SFT
+from alignpipe.core.chat import require_chat_template
+from alignpipe.core.models import (
     check_model_folder,
     cpu_only,
     deepspeed_launch,
@@ -40,23 +39,25 @@ from alignpipe.runtime import (
     load_causal_lm_4bit,
     load_tokenizer,
     pick_device,
-    resolve_dtype,
     seed_everything,
 )
-from alignpipe.schema import SFT
-from alignpipe.sft_data import (
+from alignpipe.core.progress import Timer
+from alignpipe.params import SftParams
+from alignpipe.sft.data import (
     LengthGroupedSampler,
     SftData,
     SftDataset,
-    checkpoint_step,
     collate_packed,
     collate_padded,
     encode_rows,
-    fingerprint,
-    resume_point,
     warn_length_costs,
 )
-from alignpipe.training import NonFiniteError
+from alignpipe.sft.nonfinite import NonFiniteStop
+from alignpipe.training.checkpoints import checkpoint_step, resume_point
+from alignpipe.training.fingerprint import fingerprint
+from alignpipe.training.metrics import MetricsLog
+from alignpipe.training.peft import lora_config
+from alignpipe.training.precision import compute_dtype, weights_dtype
 
 # DVCLive names of the Trainer's log keys (reports/sft/plots/metrics/train/*.tsv).
 LIVE_METRICS = {
@@ -97,9 +98,9 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
     if args.should_save:
         warn_length_costs(data, params.max_length)
     with args.main_process_first(local=False, desc="sft checkpoints"):
-        resume = resume_point(
-            paths.checkpoints, fingerprint(params, paths.data, paths.model, args.world_size), args.should_save
-        )
+        inputs = {"data": paths.data, "base model": paths.model}
+        fp = fingerprint(params, inputs, args.world_size)
+        resume = resume_point(paths.checkpoints, fp, "sft", args.should_save)
     live, stop = LiveCallback(paths.metrics_dir), NonFiniteStop()
     trainer = _SftTrainer(
         model=build_model(params, paths.model),
@@ -149,10 +150,10 @@ def check_settings(params: SftParams) -> None:
 
 
 def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArguments:
-    dtype = resolve_dtype(params.dtype, pick_device())
+    dtype = compute_dtype(params)
     return TrainingArguments(
         output_dir=str(checkpoints),
-        use_cpu=cpu_only() and not deepspeed_launch(),  # as runtime.accelerator_kwargs
+        use_cpu=cpu_only() and not deepspeed_launch(),  # as core.models.accelerator_kwargs
         ddp_backend="gloo" if cpu_only() and deepspeed_launch() else None,
         per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum,
@@ -205,59 +206,6 @@ class _SftTrainer(Trainer):
         return out
 
 
-class NonFiniteStop(TrainerCallback):
-    """Stops SFT before the optimizer step on a NaN/inf loss or gradient, naming the step and rows.
-
-    The micro-batch losses of a step are recorded as device tensors (no sync); before the optimizer
-    step they and the gradients' finiteness are checked once, summed over processes so every rank
-    stops together. The weights and the last checkpoint are those of the last good step.
-    """
-
-    def __init__(self) -> None:
-        self._losses: list[torch.Tensor] = []
-        self._rows: list[list[str]] = []
-
-    def record(self, loss: torch.Tensor, row_ids: Sequence[str]) -> None:
-        self._losses.append(loss.detach().float().sum().reshape(1))
-        self._rows.append(list(row_ids))
-
-    def on_pre_optimizer_step(
-        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
-    ) -> None:
-        losses, rows = self._losses, self._rows
-        self._losses, self._rows = [], []
-        if not losses or model is None:
-            return
-        bad_loss = ~torch.isfinite(torch.cat(losses))
-        flags = torch.stack([bad_loss.any().float(), self._bad_gradient(args, model).to(bad_loss.device)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags)
-        if not bool(flags.any()):
-            return
-        named = [r for r, bad in zip(rows, bad_loss.tolist(), strict=True) if bad] or rows
-        ids = ", ".join(i for batch in named for i in batch) or "(on another process)"
-        what = "loss" if bool(flags[0]) else "gradient"
-        raise NonFiniteError(
-            f"sft: non-finite {what} at step {state.global_step + 1}; batch rows: {ids} "
-            f"(weights and checkpoints stay at step {state.global_step})"
-        )
-
-    @staticmethod
-    def _bad_gradient(args: Any, model: Any) -> torch.Tensor:
-        """1.0 if some gradient element (of this process's shard) is NaN/inf, else 0.0: one sum per
-        tensor (a NaN or inf anywhere makes it non-finite), no element-wise mask. On SmolLM2-135M's
-        shapes it took 34 ms on 2 CPU cores (AMD EPYC), about 1% of an SFT step of the default.
-
-        fp16: the grad scaler skips steps with inf gradients and lowers its scale; that is not divergence.
-        """
-        grads = [] if args.fp16 else [p.grad for p in model.parameters() if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 DTensor shards
-        if not grads:
-            return torch.zeros(())
-        total = torch.stack([g.sum() for g in grads]).float().sum()
-        return (~torch.isfinite(total)).float()
-
-
 def build_model(params: SftParams, model_dir: Path) -> Any:
     """The model to train: full weights, LoRA adapters on them, or LoRA on 4-bit weights (QLoRA)."""
     model = (
@@ -271,30 +219,7 @@ def build_model(params: SftParams, model_dir: Path) -> Any:
 
     if params.gradient_checkpointing:  # a 4-bit base is prepared for k-bit training by its loader
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(params))
-
-
-def weights_dtype(params: SftParams) -> str:
-    """The dtype of the trained (and saved) weights: bf16 on GPU, fp32 on CPU by default.
-
-    fp16 trains fp32 weights under fp16 autocast; QLoRA's adapters compute in bf16.
-    """
-    if params.peft.load_in_4bit:
-        return "bfloat16"
-    dtype = resolve_dtype(params.dtype, pick_device())
-    return "bfloat16" if dtype == torch.bfloat16 else "float32"
-
-
-def lora_config(params: SftParams) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=params.peft.r,
-        lora_alpha=params.peft.alpha,
-        lora_dropout=params.peft.dropout,
-        target_modules=params.peft.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    return get_peft_model(model, lora_config(params.peft))
 
 
 def _load_4bit(model_dir: Path) -> Any:
@@ -328,7 +253,7 @@ def merge_lora(
 
     adapters = get_peft_model_state_dict(peft_model, state_dict=state_dict)
     base = load_causal_lm(model_dir, dtype=weights_dtype(params), device=torch.device("cpu"))
-    fresh = get_peft_model(base, lora_config(params))
+    fresh = get_peft_model(base, lora_config(params.peft))
     set_peft_model_state_dict(fresh, adapters)
     return fresh.merge_and_unload()
 
@@ -373,11 +298,7 @@ class LiveCallback(TrainerCallback):
         self.begin_tokens = state.num_input_tokens_seen
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
         if state.is_world_process_zero:
-            from dvclive import Live
-
-            self.live = Live(dir=str(self.metrics_dir), save_dvc_exp=False, dvcyaml=None)
-            for entry in state.log_history:
-                self._write(entry)
+            self.live = MetricsLog(self.metrics_dir, True, [p for e in state.log_history if (p := _point(e))])
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -385,20 +306,22 @@ class LiveCallback(TrainerCallback):
         if "loss" in entry and now > self._last[0]:
             entry["tokens_per_second"] = round((tokens - self._last[1]) / (now - self._last[0]), 1)
         self._last = (now, tokens)
-        if self.live is not None:
-            self._write(entry)
+        if self.live is not None and (point := _point(entry)):
+            self.live.log(*point)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.live is not None:
-            self.live.end()
+            self.live.close()
 
-    def _write(self, entry: dict[str, Any]) -> None:
-        if "loss" not in entry:
-            return
-        self.live.step = entry["step"]
-        for key, name in LIVE_METRICS.items():
-            if key in entry and math.isfinite(entry[key]):
-                self.live.log_metric(name, float(entry[key]))
+
+def _point(entry: dict[str, Any]) -> tuple[int, dict[str, float]] | None:
+    """A Trainer log entry as a curve point under the DVCLive names (None: not a training log)."""
+    if "loss" not in entry:
+        return None
+    metrics = {
+        name: entry[key] for key, name in LIVE_METRICS.items() if key in entry and math.isfinite(entry[key])
+    }
+    return entry["step"], metrics
 
 
 def summarize(
@@ -439,3 +362,8 @@ def summarize(
 def _number(value: float) -> float | str:
     """``value`` rounded, or its name (``"nan"``, ``"inf"``) when not finite, so it stays visible."""
     return round(value, 4) if math.isfinite(value) else str(value)
+
+
+def run(params: SftParams, paths: SftPaths) -> dict[str, Any]:
+    """The stage: train (or pass through) the base model; returns the summary."""
+    return run_sft(params, paths)

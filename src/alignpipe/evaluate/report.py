@@ -22,43 +22,38 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from alignpipe.data.builtin import FAMILIES
-from alignpipe.io import atomic_path, write_json
+from alignpipe.artifacts.io import atomic_path, write_json
+from alignpipe.evaluate.plots import (
+    MAX_EXACT_BINS,
+    plot_pass_rate,
+    plot_reward_hist,
+    plot_training_curves,
+    save_png,
+)
+from alignpipe.evaluate.results import TITLES, Answer, EvalResult
 
-if TYPE_CHECKING:
-    from alignpipe.evaluate import Answer, EvalResult
-
-TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
-COLORS = {"base": "#9e9e9e", "sft": "#4c78a8", "dpo": "#f58518"}  # the vega-lite palette of dvc plots
-MAX_EXACT_BINS = 12  # rewards with at most this many distinct values get one bin per value
 HIST_BINS = 20
-# DVCLive files of the training stages (reports/<stage>/plots/metrics/<name>.tsv): (label, file).
-CURVES = {
-    "sft": [("train", "train/loss.tsv"), ("eval", "eval/loss.tsv")],
-    "dpo": [("train", "loss.tsv"), ("eval pairs", "eval/loss.tsv")],
-    "dpo_accuracy": [("train", "rewards/accuracies.tsv"), ("eval pairs", "eval/rewards/accuracies.tsv")],
-}
 
 
 def pass_rates(
-    families: Sequence[str | None], passed: Sequence[bool]
+    families: Sequence[str | None], passed: Sequence[bool], order: Sequence[str] = ()
 ) -> tuple[float | None, dict[str, float], dict[str, int]]:
-    """Overall pass rate, pass rate per family and samples per family (FAMILIES order first)."""
+    """Overall pass rate, pass rate per family and samples per family (``order`` first, then the others)."""
     counts: dict[str, int] = {}
     hits: dict[str, int] = {}
     for family, ok in zip(families, passed, strict=True):
         name = family or "other"
         counts[name] = counts.get(name, 0) + 1
         hits[name] = hits.get(name, 0) + bool(ok)
-    order = [f for f in FAMILIES if f in counts] + sorted(set(counts) - set(FAMILIES))
+    order = [f for f in order if f in counts] + sorted(set(counts) - set(order))
     overall = sum(map(bool, passed)) / len(passed) if passed else None
     return overall, {f: hits[f] / counts[f] for f in order}, {f: counts[f] for f in order}
 
 
 def model_summary(
-    answers: Sequence[Answer], families: Mapping[str, str | None], builtin: bool
+    answers: Sequence[Answer], families: Mapping[str, str | None], builtin: bool, order: Sequence[str] = ()
 ) -> dict[str, Any]:
     """``eval.json`` entry of one model; pass rates are None unless the reward is built-in."""
     rewards = [a.reward for a in answers]
@@ -73,7 +68,7 @@ def model_summary(
     }
     if builtin:
         overall, by_family, _ = pass_rates(
-            [families[a.prompt_id] for a in answers], [bool(a.passed) for a in answers]
+            [families[a.prompt_id] for a in answers], [bool(a.passed) for a in answers], order
         )
         summary["pass_rate"] = _round(overall)
         summary["pass_rate_by_family"] = {f: _round(r) for f, r in by_family.items()}
@@ -93,7 +88,7 @@ def eval_metrics(result: EvalResult) -> dict[str, Any]:
         "n": result.params.n,
     }
     for model, answers in result.answers.items():
-        metrics[model] = model_summary(answers, families, result.builtin)
+        metrics[model] = model_summary(answers, families, result.builtin, result.family_order)
     win = result.win
     metrics.update(
         win_rate=_round(win.rate), wins=win.wins, ties=win.ties, losses=win.losses,
@@ -103,7 +98,8 @@ def eval_metrics(result: EvalResult) -> dict[str, Any]:
     )  # fmt: skip
     if result.builtin:
         dpo = result.answers["dpo"]
-        metrics["family_counts"] = pass_rates([families[a.prompt_id] for a in dpo], [False] * len(dpo))[2]
+        dpo_families = [families[a.prompt_id] for a in dpo]
+        metrics["family_counts"] = pass_rates(dpo_families, [False] * len(dpo), result.family_order)[2]
     if result.truncation:
         metrics["truncation"] = (
             result.truncation
@@ -123,11 +119,9 @@ def write_reports(
     rates = pass_rate_rows(metrics, list(result.answers))
     _write_csv(plots / "pass_rate.csv", ["family", "model", "pass_rate", "samples"], rates)
     if pngs:
-        _save_png(plot_reward_hist(hist, list(result.answers), result.reward_name), plots / "reward_hist.png")
-        _save_png(plot_pass_rate(rates, list(result.answers)), plots / "pass_rate.png")
-        _save_png(
-            plot_training_curves({k: Path(v) for k, v in curves.items()}), plots / "training_curves.png"
-        )
+        save_png(plot_reward_hist(hist, list(result.answers), result.reward_name), plots / "reward_hist.png")
+        save_png(plot_pass_rate(rates, list(result.answers)), plots / "pass_rate.png")
+        save_png(plot_training_curves({k: Path(v) for k, v in curves.items()}), plots / "training_curves.png")
     with atomic_path(out_dir / "eval.md") as tmp:
         tmp.write_text(render_markdown(result, metrics))
     write_json(metrics, out_dir / "eval.json")
@@ -310,110 +304,3 @@ def render_markdown(result: EvalResult, metrics: Mapping[str, Any]) -> str:
         *_examples(result, models),
     ]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    return plt.subplots(1, ncols, figsize=(width, height), dpi=110, layout="constrained", squeeze=False)
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    from matplotlib import pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def _grouped_bars(ax: Any, categories: Sequence[str], values: Mapping[str, Sequence[float]]) -> None:
-    width = 0.8 / max(len(values), 1)
-    for k, (model, vals) in enumerate(values.items()):
-        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(categories))]
-        ax.bar(xs, vals, width, label=TITLES[model], color=COLORS[model])
-    ax.set_xticks(range(len(categories)), categories)
-    ax.legend(title="model", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-
-
-def plot_reward_hist(rows: Sequence[Mapping[str, Any]], models: Sequence[str], reward_name: str) -> Any:
-    fig, axes = _figure(7, 3.8)
-    ax = axes[0][0]
-    bins = list(dict.fromkeys(r["bin"] for r in rows))
-    _grouped_bars(ax, bins, {m: [r["count"] for r in rows if r["model"] == m] for m in models})
-    binned = len(bins) > MAX_EXACT_BINS
-    ax.set(title=f"Reward on eval prompts ({reward_name})", xlabel="reward (bin centre)" if binned else "reward",
-           ylabel="answers")  # fmt: skip
-    if binned:
-        ax.tick_params(axis="x", labelrotation=45)
-    return fig
-
-
-def plot_pass_rate(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> Any:
-    fig, axes = _figure(8, 4)
-    ax = axes[0][0]
-    if not rows:
-        ax.text(0.5, 0.5, "pass rates need reward.kind: builtin", ha="center", va="center")
-        ax.set_axis_off()
-        return fig
-    families = list(dict.fromkeys(r["family"] for r in rows))
-    _grouped_bars(ax, families, {m: [r["pass_rate"] for r in rows if r["model"] == m] for m in models})
-    ax.set(title="Pass rate per primary family (verifier score = 1)", ylabel="pass rate", ylim=(0, 1.05))
-    ax.tick_params(axis="x", labelrotation=30)
-    return fig
-
-
-def read_curve(path: Path) -> tuple[list[float], list[float]]:
-    """(steps, values) of a DVCLive ``.tsv`` (columns step, <name>[, timestamp]); empty if missing."""
-    if not path.exists():
-        return [], []
-    with path.open() as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows:
-        return [], []
-    name = next(c for c in rows[0] if c not in ("step", "timestamp"))
-    return [float(r["step"]) for r in rows], [float(r[name]) for r in rows]
-
-
-def plot_training_curves(dirs: Mapping[str, Path]) -> Any:
-    """Three panels: SFT loss, DPO loss, DPO implicit-reward accuracy (train and eval where logged)."""
-    fig, axes = _figure(13, 3.6, ncols=3)
-    panels = [
-        ("sft", "sft", "SFT loss", "loss"),
-        ("dpo", "dpo", "DPO loss", "loss"),
-        ("dpo", "dpo_accuracy", "DPO implicit-reward accuracy", "accuracy"),
-    ]
-    for ax, (stage, key, title, ylabel) in zip(axes[0], panels, strict=True):
-        folder = dirs.get(stage)
-        drawn = 0
-        for label, name in CURVES[key] if folder else []:
-            steps, values = read_curve(folder / name)
-            if steps:
-                style = "-" if label == "train" else "--"
-                ax.plot(
-                    steps,
-                    values,
-                    style,
-                    color=COLORS[stage],
-                    marker="o" if len(steps) < 4 else None,
-                    label=label,
-                )
-                drawn += 1
-        if drawn:
-            ax.legend(frameon=False)
-            ax.grid(alpha=0.3)
-        else:
-            ax.text(
-                0.5,
-                0.5,
-                f"no curve logged\n({folder or 'not given'})",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                fontsize=8,
-            )
-        ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
-    return fig

@@ -1,4 +1,5 @@
-"""Preference losses: one pure function per ``loss_type`` and one registry, :data:`LOSSES`.
+"""Preference losses: one pure function per ``loss_type`` and one registry, :data:`LOSSES`
+(:mod:`alignpipe.core.objective` combines them into the training objective).
 
 Every loss takes a :class:`LossInputs` (summed log-probs per sequence, each of shape (B,)), ``beta``
 and a :class:`LossOptions`, and returns per-pair losses of shape (B,); the trainer takes the mean.
@@ -11,7 +12,6 @@ from TRL or from the paper is stated in one line where it occurs. Notation below
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -292,126 +292,6 @@ def sft_loss(x: LossInputs, beta: float, o: LossOptions) -> Tensor:
     Departs from TRL: TRL averages over all chosen tokens of the batch (token-weighted); here per pair.
     """
     return x.chosen_nll()
-
-
-_OPTION_NAMES = frozenset(f.name for f in fields(LossOptions))
-
-
-def _did_you_mean(name: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1)
-    return f"; did you mean {close[0]!r}?" if close else "."
-
-
-def _spec(loss_type: str) -> LossSpec:
-    if loss_type not in LOSSES:
-        hint = _did_you_mean(loss_type, list(LOSSES))
-        raise ValueError(f"unknown loss_type {loss_type!r}{hint} Valid: {sorted(LOSSES)}")
-    return LOSSES[loss_type]
-
-
-def _loss_options(
-    loss_types: Sequence[str], label_smoothing: float, options: Mapping[str, float]
-) -> LossOptions:
-    """Check that every option exists and is read by one of ``loss_types``; build the LossOptions."""
-    used = frozenset().union(*(_spec(t).options for t in loss_types))
-    for name in options:
-        if name not in _OPTION_NAMES:
-            hint = _did_you_mean(name, sorted(_OPTION_NAMES - {"label_smoothing"}))
-            raise ValueError(f"unknown loss option {name!r}{hint} Valid: {sorted(_OPTION_NAMES)}")
-        if name not in used:
-            raise ValueError(f"option {name!r} is not used by loss_type {list(loss_types)}")
-    if label_smoothing != 0.0 and "label_smoothing" not in used:
-        users = sorted(n for n, s in LOSSES.items() if "label_smoothing" in s.options)
-        raise ValueError(
-            f"label_smoothing is not used by loss_type {list(loss_types)}; it applies to {users}"
-        )
-    return LossOptions(label_smoothing=label_smoothing, **options)
-
-
-def combined_loss(
-    loss_types: Sequence[str],
-    weights: Sequence[float],
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    rpo_alpha: float = 0.0,
-    wpo_weights: Tensor | None = None,
-    **options: float,
-) -> Tensor:
-    """Weighted sum of losses (MPO, Wang et al. 2024): ``W * sum_k w_k L_k + rpo_alpha * NLL``, (B,).
-
-    Logps are summed per sequence, lengths are token counts, all of shape (B,). ``sft`` is the
-    length-normalised NLL of chosen. ``wpo_weights`` (B,) multiply the preference terms (WPO, Zhou et
-    al. 2024 eq. 2; see :func:`wpo_weights`); the RPO term (Pang et al. 2024) is added unweighted.
-    """
-    if len(loss_types) == 0 or len(loss_types) != len(weights):
-        raise ValueError(f"need one weight per loss_type, got {list(loss_types)} and {list(weights)}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if rpo_alpha < 0:
-        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
-    opts = _loss_options(loss_types, label_smoothing, options)
-    specs = [_spec(t) for t in loss_types]
-    needs_ref = [t for t, s in zip(loss_types, specs, strict=True) if not s.reference_free]
-    if needs_ref and (ref_chosen_logps is None or ref_rejected_logps is None):
-        raise ValueError(f"loss_type {needs_ref} needs ref_chosen_logps and ref_rejected_logps (got None)")
-    x = LossInputs(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths
-    )
-    total = torch.zeros_like(chosen_logps)
-    for spec, weight in zip(specs, weights, strict=True):
-        if weight != 0.0:
-            total = total + weight * spec.fn(x, beta, opts)
-    if wpo_weights is not None:
-        if any(s.sorted_rows for s in specs):
-            raise ValueError("wpo_weights cannot weight aot/aot_unpaired: their rows are sorted, not pairs")
-        if wpo_weights.shape != chosen_logps.shape:
-            raise ValueError(
-                f"wpo_weights must have shape {tuple(chosen_logps.shape)}, got {tuple(wpo_weights.shape)}"
-            )
-        total = total * wpo_weights
-    if rpo_alpha != 0.0:
-        total = total + rpo_alpha * x.chosen_nll()
-    return total
-
-
-def preference_loss(
-    loss_type: str,
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor | None,
-    ref_rejected_logps: Tensor | None,
-    *,
-    beta: float,
-    label_smoothing: float = 0.0,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    rpo_alpha: float = 0.0,
-    wpo_weights: Tensor | None = None,
-    **options: float,
-) -> Tensor:
-    """Per-pair loss (B,) of one registered ``loss_type``; see :func:`combined_loss` for the arguments."""
-    return combined_loss(
-        [loss_type],
-        [1.0],
-        chosen_logps,
-        rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        rpo_alpha=rpo_alpha,
-        wpo_weights=wpo_weights,
-        **options,
-    )
 
 
 def wpo_weights(chosen_token_logps_mean: Tensor, rejected_token_logps_mean: Tensor) -> Tensor:

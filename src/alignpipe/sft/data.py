@@ -1,8 +1,7 @@
-"""What an SFT run reads: examples tokenized once, batched by length, collated padded or
-packed, and the fingerprint of its inputs that decides whether checkpoints can be resumed.
+"""What an SFT run reads: examples tokenized once, batched by length, collated padded or packed.
 
 Each row of ``sft.parquet`` becomes one :class:`SftExample` through
-:func:`alignpipe.chat.encode_completion` (prompt ids + completion ids ending with
+:func:`alignpipe.core.chat.encode_completion` (prompt ids + completion ids ending with
 exactly one EOS); its labels are -100 on the prompt, so the loss is on the
 assistant's tokens only. Tokenization happens here, once, never per step.
 
@@ -23,22 +22,21 @@ vocabularies), skips the prompt, about 3/4 of the tokens of the built-in task.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from alignpipe.chat import WARN_FRACTION, ChatTemplateError, Truncation, TruncationError, encode_completion
-from alignpipe.io import write_json
-from alignpipe.params import SftParams
+from alignpipe.core.chat import (
+    WARN_FRACTION,
+    ChatTemplateError,
+    Truncation,
+    TruncationError,
+    encode_completion,
+)
 
 IGNORE_INDEX = -100
 
@@ -90,7 +88,7 @@ def encode_rows(
     truncation: Literal["truncate", "drop"] = "truncate",
     where: str = "sft data",
 ) -> SftData:
-    """Tokenize SFT rows (schema ``alignpipe.schema.SFT``) into training examples.
+    """Tokenize SFT rows (schema ``alignpipe.artifacts.schema.SFT``) into training examples.
 
     A sequence longer than ``max_length`` is cut (the prompt inside its first user turn, as far as
     needed to leave the completion ``min(its length, max_length // 2)`` tokens, then the
@@ -237,89 +235,3 @@ def collate_packed(
         "position_ids": torch.tensor([position_ids]),
     }
     return completion_logits_only(batch) if trim_logits else batch
-
-
-# --- resuming: the fingerprint of what decides the trained weights ---------------------------------
-
-FINGERPRINT_FILE = "fingerprint.json"
-# Keys that do not change the trained weights: changing them keeps the checkpoints.
-NOT_FINGERPRINTED = {"enabled", "launcher", "logging_steps", "save_steps"}
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def fingerprint(params: SftParams, data: Path, model_dir: Path, world_size: int) -> dict[str, Any]:
-    """What determines the trained weights; checkpoints are reused only when it is unchanged."""
-    return {
-        "params": params.model_dump(mode="json", exclude=NOT_FINGERPRINTED),
-        "data_sha256": _sha256_files([data], root=data.parent),
-        "base_model_sha256": _sha256_files(sorted(p for p in model_dir.rglob("*") if p.is_file()), model_dir),
-        "world_size": world_size,
-    }
-
-
-def _sha256_files(files: Sequence[Path], root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """``checkpoint-N`` folders whose trainer state was written (the Trainer writes it last), oldest first."""
-    found = []
-    for path in folder.iterdir() if folder.is_dir() else []:
-        match = _CHECKPOINT.match(path.name)
-        if match and path.is_dir():
-            try:
-                json.loads((path / "trainer_state.json").read_text())
-            except (OSError, ValueError):
-                continue
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def resume_point(folder: Path, current: dict[str, Any], writer: bool = True) -> str | None:
-    """The checkpoint to resume from, or None after clearing stale ones (``writer``: this process may delete)."""
-    try:
-        stored = json.loads((folder / FINGERPRINT_FILE).read_text())
-    except (OSError, ValueError):
-        stored = None
-    complete = complete_checkpoints(folder)
-    if stored == current and complete:
-        print(f"sft: resuming from {complete[-1]} (params, data and base model unchanged)", flush=True)
-        return str(complete[-1])
-    if writer:
-        stale = [p for p in folder.iterdir() if _CHECKPOINT.match(p.name)] if folder.is_dir() else []
-        if stale:
-            print(
-                f"sft: {describe_change(stored, current)}: deleting {len(stale)} stale checkpoint(s) in {folder}"
-            )
-        shutil.rmtree(folder, ignore_errors=True)
-        write_json(current, folder / FINGERPRINT_FILE)
-    return None
-
-
-def describe_change(stored: dict[str, Any] | None, current: dict[str, Any]) -> str:
-    """Why stored checkpoints cannot be resumed, e.g. ``sft.learning_rate changed (0.0001 -> 0.0002)``."""
-    if stored is None:
-        return "no fingerprint next to the checkpoints"
-    reasons = []
-    old_params, new_params = stored.get("params", {}), current["params"]
-    for key in sorted(set(old_params) | set(new_params)):
-        if old_params.get(key) != new_params.get(key):
-            reasons.append(f"sft.{key} changed ({old_params.get(key)!r} -> {new_params.get(key)!r})")
-    for key, what in (
-        ("data_sha256", "data"),
-        ("base_model_sha256", "base model"),
-        ("world_size", "process count"),
-    ):
-        if stored.get(key) != current[key]:
-            reasons.append(f"{what} changed")
-    return "; ".join(reasons) or "no complete checkpoint"
-
-
-def checkpoint_step(path: str | Path) -> int:
-    return int(_CHECKPOINT.match(Path(path).name).group(1))

@@ -9,7 +9,7 @@ keyed by prompt id), and every answer is scored with the ``reward`` section's re
   (``spec.constraints[0].family``);
 - win rate of DPO over SFT, answer against answer for the same prompt and sample index, ties 1/2;
 - KL(dpo || sft), Monte-Carlo: the mean over DPO's own answers y of
-  ``log p_dpo(y|x) - log p_sft(y|x)``, both through :mod:`alignpipe.logprobs` (the path of
+  ``log p_dpo(y|x) - log p_sft(y|x)``, both through :mod:`alignpipe.core.logprobs` (the path of
   ``ref_logps`` and ``dpo``), with its standard error over prompts. The answers are drawn from
   the sampler (temperature, top-k/p), so this is exactly KL(dpo || sft) only at temperature 1
   without truncation; otherwise it is that expectation under the sampler.
@@ -18,125 +18,35 @@ On the eval pairs (``data/pairs/eval.parquet``): the DPO implicit-reward accurac
 pairs with ``beta [(log p_dpo(c) - ref(c)) - (log p_dpo(r) - ref(r))] > 0``, and the mean of that
 margin, against the cached reference log-probs (``data/ref_logps.parquet``).
 
-:mod:`alignpipe.report` writes ``eval.json``, ``eval.md`` and the plots.
+:mod:`alignpipe.evaluate.report` writes ``eval.json``, ``eval.md`` and the plots.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alignpipe import schema
-from alignpipe.chat import Encoded, Message, Truncation, TruncationError, encode_completion
-from alignpipe.cli import Timer
-from alignpipe.io import ArtifactError, read_parquet
-from alignpipe.logprobs import (
-    DPO_LENGTH_KEYS,
-    CompletionScorer,
-    EncodedPair,
-    count_truncation,
-    load_reference,
-    reference_logps,
-)
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import ArtifactError, read_parquet
+from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, EncodedPair, count_truncation, read_pairs
+from alignpipe.artifacts.ref_logps import PairScores
+from alignpipe.core.chat import Encoded, Message, Truncation, TruncationError, encode_completion
+from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_scores, sequence_logps
+from alignpipe.core.models import load_tokenizer, pick_device
+from alignpipe.core.progress import Timer
+from alignpipe.data import builtin as task
+from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult, WinRate
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
-from alignpipe.runtime import load_tokenizer, pick_device
 
-MODELS = ("base", "sft", "dpo")  # column order of the reports
 MARGIN_TIE = 1e-5  # |implicit-reward margin| below this is fp32 noise: a tie (see pairs_metrics)
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    prompt_id: str
-    prompt: list[Message]
-    meta: str | None
-    family: str | None  # primary family of a built-in prompt, else None
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One sampled answer of one model, with its reward (``passed``: None unless the reward is built-in)."""
-
-    prompt_id: str
-    sample_idx: int
-    completion: str
-    n_tokens: int
-    finish_reason: str
-    reward: float = math.nan
-    passed: bool | None = None
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return self.prompt_id, self.sample_idx
-
-
-@dataclass(frozen=True)
-class WinRate:
-    wins: int
-    ties: int
-    losses: int
-
-    @property
-    def n(self) -> int:
-        return self.wins + self.ties + self.losses
-
-    @property
-    def rate(self) -> float | None:
-        return (self.wins + 0.5 * self.ties) / self.n if self.n else None
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A mean with its standard error (None with fewer than 2 groups) over ``n`` values."""
-
-    mean: float | None
-    stderr: float | None
-    n: int
-
-
-@dataclass(frozen=True)
-class PairsResult:
-    accuracy: float | None
-    margin_mean: float | None
-    n: int
-
-
-@dataclass
-class EvalResult:
-    """Everything the reports are made of."""
-
-    params: EvaluateParams
-    reward_name: str
-    builtin: bool
-    backend: str
-    prompts: list[EvalPrompt]
-    answers: dict[str, list[Answer]]  # model -> answers in (prompt, sample_idx) order
-    win: WinRate
-    kl: Estimate
-    pairs: PairsResult
-    beta: float  # dpo.beta, the scale of the implicit rewards
-    seconds: dict[str, float] = field(default_factory=dict)
-    truncation: dict[str, dict[str, int]] = field(default_factory=dict)  # "answers"/"pairs": Truncation
-
-
-def primary_family(meta: str | None) -> str | None:
-    """``spec.constraints[0].family`` of a built-in prompt's meta JSON; None for other prompts."""
-    if not meta:
-        return None
-    try:
-        spec = json.loads(meta)
-        return str(spec["constraints"][0]["family"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 def win_rate(challenger: Sequence[Answer], incumbent: Sequence[Answer]) -> WinRate:
@@ -181,7 +91,7 @@ def pairs_metrics(
     other batches (ref_logps packs, batch sizes differ) moves fp32 summed log-probs by ~1e-6, and a
     policy equal to its reference should score 0, not a coin flip.
     """
-    from alignpipe.losses import implicit_rewards
+    from alignpipe.core.losses import implicit_rewards
 
     if chosen.numel() == 0:
         return PairsResult(None, None, 0)
@@ -228,22 +138,11 @@ def encode_answers(
 
 def score_pairs(
     scorer: CompletionScorer, pairs: Sequence[EncodedPair], batch_size: int, pad_token_id: int, desc: str
-) -> tuple[list[float], list[float]]:
+) -> PairScores:
     """Summed completion log-probs of each pair's two sides, in ``pairs`` order, through the
     ``ref_logps`` path (shared-prompt rows, no padding), so eval-pair margins use the reference's
     layout. On CPU it took 8.9 s where padded batches took 14.9 s (96 answers of SmolLM2-135M)."""
-    rows = reference_logps(scorer, pairs, batch_size, pad_token_id, progress=True, desc=desc)
-    return [r["ref_chosen_logps"] for r in rows], [r["ref_rejected_logps"] for r in rows]
-
-
-def sequence_logps(
-    scorer: CompletionScorer, seqs: Sequence[Encoded], batch_size: int, pad_token_id: int, desc: str
-) -> list[float]:
-    """Summed completion log-prob of each sequence: two sequences ride in one pair of the pair path."""
-    pairs = [EncodedPair(str(k), seqs[k], seqs[min(k + 1, len(seqs) - 1)]) for k in range(0, len(seqs), 2)]
-    first, second = score_pairs(scorer, pairs, batch_size, pad_token_id, desc)
-    out = [v for pair in zip(first, second, strict=True) for v in pair]
-    return out[: len(seqs)]
+    return pair_scores(scorer, pairs, batch_size, pad_token_id, progress=True, desc=desc)
 
 
 @contextlib.contextmanager
@@ -266,7 +165,7 @@ def load_eval_prompts(path: str | os.PathLike, max_prompts: int | None) -> list[
     ids = [r["prompt_id"] for r in rows]
     if len(set(ids)) != len(ids):
         raise ArtifactError(f"{path}: prompt_id {next(i for i in ids if ids.count(i) > 1)!r} appears twice")
-    return [EvalPrompt(r["prompt_id"], r["prompt"], r["meta"], primary_family(r["meta"])) for r in rows]
+    return [EvalPrompt(r["prompt_id"], r["prompt"], r["meta"], task.primary_family(r["meta"])) for r in rows]
 
 
 def generate_answers(
@@ -275,7 +174,7 @@ def generate_answers(
     """``params.n`` answers per prompt; seeds are keyed by prompt id, so every model draws the same numbers."""
     from tqdm.auto import tqdm
 
-    from alignpipe.generation import sample
+    from alignpipe.generation.load import sample
 
     timer = Timer(f"evaluate: generate {label}")
     with tqdm(total=len(prompts), unit="prompt", desc=f"generate {label}") as bar:
@@ -295,7 +194,8 @@ def score_answers(
     """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward."""
     from dataclasses import replace
 
-    from alignpipe.rewards import get_reward, reward_truncation, score_completions
+    from alignpipe.rewards.base import reward_truncation, score_completions
+    from alignpipe.rewards.load import get_reward
 
     by_id = {p.prompt_id: p for p in prompts}
     flat = [(model, a) for model, rows in answers.items() for a in rows]
@@ -335,8 +235,6 @@ def policy_logps(
 
     ``truncation`` gets what dpo.max_length / dpo.max_prompt_length cut: "answers" and "pairs".
     """
-    from alignpipe.dpo_data import join_ref_logps, read_pairs
-
     by_id = {p.prompt_id: p.prompt for p in prompts}
     answer_prompts = [by_id[a.prompt_id] for a in dpo_answers]
     timer = Timer("evaluate: log-probs")
@@ -346,22 +244,22 @@ def policy_logps(
         seqs = encode_answers(
             tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length, answer_counts
         )
-        logps["dpo"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps dpo")
+        logps["dpo"] = sequence_logps(
+            scorer, seqs, params.batch_size, tokenizer.pad_token_id, True, "logps dpo"
+        ).tolist()
         pairs = read_pairs(Path(pairs_path), tokenizer, dpo.max_length, dpo.max_prompt_length)
         if truncation is not None:
             truncation.update(answers=answer_counts, pairs=count_truncation(pairs))
-        ref_rows = {r["pair_id"]: r for r in read_parquet(ref_logps_path, schema.REF_LOGPS)}
-        joined = join_ref_logps(pairs, ref_rows, where=str(ref_logps_path))
-        chosen, rejected = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
+        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
+        policy = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
     del scorer  # one model in memory at a time
     with loaded_scorer(sft_dir, params.dtype) as (tokenizer, scorer):
         seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
-        logps["sft"] = sequence_logps(scorer, seqs, params.batch_size, tokenizer.pad_token_id, "logps sft")
+        logps["sft"] = sequence_logps(
+            scorer, seqs, params.batch_size, tokenizer.pad_token_id, True, "logps sft"
+        ).tolist()
     kl = kl_estimate(logps["dpo"], logps["sft"], [a.prompt_id for a in dpo_answers])
-    pairs_result = pairs_metrics(
-        torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64),
-        joined.ref_chosen.double(), joined.ref_rejected.double(), dpo.beta,
-    )  # fmt: skip
+    pairs_result = pairs_metrics(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta)
     timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
     return kl, pairs_result
 
@@ -382,8 +280,8 @@ def run_evaluate(
     Writes ``out_dir/eval.json``, ``out_dir/eval.md`` and ``out_dir/eval/`` (plot data and PNGs);
     ``curves`` maps "sft"/"dpo" to the training stages' DVCLive plot folders. Returns eval.json.
     """
-    from alignpipe.generation import resolve_backend
-    from alignpipe.report import eval_metrics, write_reports
+    from alignpipe.evaluate.report import eval_metrics, write_reports
+    from alignpipe.generation.base import resolve_backend
 
     total = Timer("evaluate")
     prompts = load_eval_prompts(prompts_path, params.max_prompts)
@@ -399,6 +297,7 @@ def run_evaluate(
         params=params,
         reward_name=reward_name,
         builtin=reward_params.kind == "builtin",
+        family_order=task.FAMILIES,
         backend=resolve_backend(params.backend),
         prompts=prompts,
         answers=answers,
@@ -415,3 +314,35 @@ def run_evaluate(
         sum(len(a) for a in answers.values()), "answers", win_rate=metrics["win_rate"], kl=metrics["kl"]
     )
     return metrics
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
+
+    sft: Path
+    dpo: Path
+    base: Path
+    prompts: Path
+    pairs: Path
+    ref_logps: Path
+    out_dir: Path
+    sft_curves: Path | None = None
+    dpo_curves: Path | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The sections the stage reads: its own, the reward, and ``dpo``'s beta and tokenization lengths."""
+
+    evaluate: EvaluateParams
+    reward: RewardParams
+    dpo: DpoParams
+
+
+def run(params: EvaluateSettings, paths: EvaluatePaths) -> dict[str, Any]:
+    """The stage; returns eval.json."""
+    curves = {k: v for k, v in (("sft", paths.sft_curves), ("dpo", paths.dpo_curves)) if v is not None}
+    models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base}
+    return run_evaluate(models, paths.prompts, paths.pairs, paths.ref_logps, paths.out_dir,
+                        params.evaluate, params.reward, params.dpo, curves=curves)  # fmt: skip

@@ -1,0 +1,1 @@
+"""Artifacts: every format that crosses a stage boundary, and how files are written (atomically)."""

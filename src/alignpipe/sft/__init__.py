@@ -1,0 +1,1 @@
+"""The ``sft`` stage: supervised fine-tuning (stage) on demonstrations tokenized and batched in data."""
