@@ -23,7 +23,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from alignpipe.core.logprobs import CompletionScorer
 from alignpipe.testing import tiny_model, tiny_tokenizer
-from alignpipe.training.loop import fsdp_units, save_model
+from alignpipe.training.launch import fsdp_units
+from alignpipe.training.loop import save_model
 
 
 def loss_and_grads(scorer: torch.nn.Module, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:

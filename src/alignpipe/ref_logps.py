@@ -14,10 +14,11 @@ from typing import Any
 from alignpipe.artifacts.io import write_json
 from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, PairDataError, count_truncation, read_pairs
 from alignpipe.core.chat import require_chat_template
-from alignpipe.core.logprobs import Numerics, load_reference, pair_scores
+from alignpipe.core.logprobs import pair_scores
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.params import DpoParams, RefLogpsParams
+from alignpipe.training.numerics import Numerics, reference_scorer
 
 SPLITS = ("train", "eval")
 
@@ -52,7 +53,7 @@ def run_ref_logps(
     truncation.warn("ref_logps", "pairs", DPO_LENGTH_KEYS)
     numerics = policy if policy is not None and params.dtype == "auto" else Numerics(params.dtype)
     device = pick_device()
-    scorer = load_reference(model_dir, numerics, device)
+    scorer = reference_scorer(model_dir, numerics, device)
     timer = Timer("ref_logps")
     with numerics.context(device):
         scores = pair_scores(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)

@@ -240,16 +240,7 @@ class CompletionScorer(nn.Module):
         self.logit_budget = logit_budget
         self._transform = _logits_transform(self.causal_lm.config)
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
-
-    @property
-    def vocab_size(self) -> int:
-        """Logits per token, from the config: under ZeRO-3 the head's weight has shape [0] outside its forward."""
-        return self.causal_lm.config.get_text_config().vocab_size
-
-    @property
-    def _no_split_modules(self) -> list[str] | None:
-        """The inner model's decoder layer classes: FSDP's TRANSFORMER_BASED_WRAP reads them here."""
-        return getattr(self.causal_lm, "_no_split_modules", None)
+        self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)  # FSDP wraps these
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -276,7 +267,9 @@ class CompletionScorer(nn.Module):
             **extra,
         )
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[predict_index]
-        chunk = max(1, self.logit_budget // self.vocab_size)
+        chunk = max(
+            1, self.logit_budget // self.causal_lm.config.get_text_config().vocab_size
+        )  # ZeRO-3: head [0]
         if hidden.shape[0] <= chunk:
             return self._chunk(hidden, target_ids, aligned)
         parts = []
@@ -343,50 +336,13 @@ def shares_prompt(scorer: nn.Module) -> bool:
     return bool(getattr(inner, "shares_prompt", False))
 
 
-@dataclass(frozen=True)
-class Numerics:
-    """How the dpo policy computes, so that its reference is computed the same way (step-1 loss ln 2):
-    the weights' dtype, the autocast dtype (None: the weights' own) and a 4-bit NF4 base (QLoRA)."""
+def load_reference(path: str | Path, dtype: str, device: torch.device) -> CompletionScorer:
+    """A frozen scorer (eval mode, no grads) of the model at ``path`` in ``dtype``, as both the
+    ``ref_logps`` stage and the live reference of ``dpo`` use it (no autocast: the weights' dtype).
+    :func:`alignpipe.training.precision.reference_scorer` loads it as the dpo policy computes."""
+    from alignpipe.core.models import load_causal_lm
 
-    weights: str  # float32 | bfloat16 | float16
-    autocast: torch.dtype | None = None
-    load_in_4bit: bool = False
-
-    @classmethod
-    def of_policy(cls, dtype: str, peft: bool, load_in_4bit: bool, device: torch.device | str | None = None) -> Numerics:  # fmt: skip
-        """Full fine-tuning keeps float32 master weights under autocast to ``dtype`` (bf16 on GPU for
-        ``auto``); LoRA keeps the base in ``dtype`` (its adapters add exact zeros at step 1)."""
-        from alignpipe.core.models import resolve_dtype
-
-        compute = resolve_dtype(dtype, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        autocast = None if compute == torch.float32 else compute
-        weights = str(compute).removeprefix("torch.") if peft else "float32"
-        return cls("bfloat16" if load_in_4bit else weights, autocast, load_in_4bit)
-
-    def context(self, device: torch.device | str) -> Any:
-        """The autocast the policy's forward runs under (accelerate's mixed precision)."""
-        import contextlib
-
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(device).type, dtype=self.autocast)
-
-
-def load_model(path: str | Path, numerics: Numerics, device: torch.device) -> nn.Module:
-    """The causal LM at ``path`` as ``numerics`` say (dtype, or a 4-bit base): policy and reference."""
-    from alignpipe.core.models import load_causal_lm, load_causal_lm_4bit
-
-    if numerics.load_in_4bit:
-        return load_causal_lm_4bit(path, device)
-    return load_causal_lm(path, dtype=numerics.weights, device=device)
-
-
-def load_reference(path: str | Path, dtype: str | Numerics, device: torch.device) -> CompletionScorer:
-    """A frozen scorer (eval mode, no grads) of the model at ``path``, as both the ``ref_logps`` stage
-    and the live reference of ``dpo`` use it: in ``dtype`` (the weights' own, no autocast), or loaded as
-    the policy is (:class:`Numerics`; the caller runs it under ``numerics.context``)."""
-    numerics = dtype if isinstance(dtype, Numerics) else Numerics(dtype)
-    scorer = CompletionScorer(load_model(path, numerics, device)).eval()
+    scorer = CompletionScorer(load_causal_lm(path, dtype=dtype, device=device)).eval()
     scorer.requires_grad_(False)
     return scorer
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +25,13 @@ from alignpipe.core import losses
 from alignpipe.core.chat import require_chat_template
 from alignpipe.core.logprobs import (
     CompletionScorer,
-    Numerics,
     PairLogps,
     collate_pairs,
-    load_model,
-    load_reference,
     pack_row_tokens,
     pair_logps,
     shares_prompt,
 )
 from alignpipe.core.models import (
-    accelerator_kwargs,
     enable_activation_checkpointing,
     load_tokenizer,
     seed_everything,
@@ -59,15 +54,10 @@ from alignpipe.training.checkpoints import (
     save_checkpoint,
 )
 from alignpipe.training.fingerprint import fingerprint
-from alignpipe.training.loop import (
-    NonFiniteError,
-    Window,
-    build_optimizer,
-    build_scheduler,
-    fsdp_units,
-    save_model,
-)
+from alignpipe.training.launch import make_accelerator, prepare
+from alignpipe.training.loop import NonFiniteError, Window, build_optimizer, build_scheduler, save_model
 from alignpipe.training.metrics import MetricsLog
+from alignpipe.training.numerics import Numerics, load_model, reference_scorer
 from alignpipe.training.peft import apply_peft, unquantized_copy
 
 # Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
@@ -333,14 +323,9 @@ def build_run(
     model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoParams, options: LoopOptions = LoopOptions()
 ) -> tuple[DpoRun, Any]:
     """Accelerator, data, policy (LoRA when asked), live reference, optimizer and scheduler."""
-    from accelerate import Accelerator
 
-    peft = params.peft
-    numerics = Numerics.of_policy(params.dtype, peft.enabled, peft.load_in_4bit, "cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(numerics.autocast, "no")
-    acc = Accelerator(
-        mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum, **accelerator_kwargs()
-    )
+    numerics = Numerics.of_policy(params.dtype, params.peft.enabled, params.peft.load_in_4bit)
+    acc = make_accelerator(numerics, params.grad_accum)
     seed_everything(params.seed)
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))
@@ -355,7 +340,7 @@ def build_run(
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
-    ref = load_reference(model_dir, numerics, acc.device) if params.reference == "live" else None
+    ref = reference_scorer(model_dir, numerics, acc.device) if params.reference == "live" else None
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
     share = share and options.shared_prompt
@@ -366,17 +351,7 @@ def build_run(
     if per_epoch == 0:
         raise ValueError(f"dpo: {len(train_data)} train pairs are too few for one step of {global_size}")
     scheduler = build_scheduler(optimizer, params, total)
-    if acc.distributed_type == "DEEPSPEED":  # no DataLoader goes through prepare: "auto" from params
-        acc.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=params.batch_size, gradient_clipping=params.max_grad_norm
-        )
-    scorer, optimizer = acc.prepare(scorer, optimizer)
-    if acc.is_main_process and acc.distributed_type == "FSDP":
-        print(f"dpo: FSDP units {dict(fsdp_units(scorer))}", flush=True)  # the decoder layers and the root
-    elif acc.is_main_process and os.environ.get("ACCELERATE_USE_FSDP") == "true":
-        print(
-            "dpo: accelerate applies FSDP to GPU processes only: these CPU ones run data parallel", flush=True
-        )
+    scorer, optimizer = prepare(acc, scorer, optimizer, params)
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
                  tokenizer.pad_token_id, total, row_tokens, share, options)  # fmt: skip
     return run, tokenizer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,6 @@ from alignpipe.params import TrainParams
 
 class NonFiniteError(RuntimeError):
     """A loss or a gradient is NaN or infinite; the message names the step and the pairs."""
-
-
-def fsdp_units(model: nn.Module) -> Counter[str]:
-    """Modules FSDP (1 or 2) made into units of their own in ``model``, by class name."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    units = (m for m in model.modules() if isinstance(m, FSDPModule | FullyShardedDataParallel))
-    return Counter(type(getattr(m, "module", m)).__name__.removeprefix("FSDP") for m in units)
 
 
 def build_optimizer(model: nn.Module, params: TrainParams, fused: bool = True) -> torch.optim.Optimizer:
