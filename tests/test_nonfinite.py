@@ -18,8 +18,8 @@ from transformers import TrainerCallback
 from alignpipe.artifacts.io import write_json, write_parquet
 from alignpipe.artifacts.schema import SFT
 from alignpipe.params import SftParams
-from alignpipe.sft import SftPaths, run_sft, summarize, training_arguments
 from alignpipe.sft.data import LengthGroupedSampler, SftData, encode_rows
+from alignpipe.sft.stage import SftPaths, run_sft, summarize, training_arguments
 from alignpipe.testing import tiny_tokenizer
 from alignpipe.training.checkpoints import complete_checkpoints
 from alignpipe.training.loop import NonFiniteError

@@ -15,12 +15,13 @@ import torch
 from alignpipe.artifacts.io import read_json
 from alignpipe.artifacts.pairs import PairDataError, count_truncation, encode_pair
 from alignpipe.core.chat import Truncation, encode_completion
-from alignpipe.evaluate import Answer, encode_answers
+from alignpipe.evaluate.results import Answer
+from alignpipe.evaluate.stage import encode_answers
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.rewards.base import RewardError
 from alignpipe.rewards.hf import HFReward
-from alignpipe.sft import summarize
 from alignpipe.sft.data import SftDataError, encode_rows, warn_length_costs
+from alignpipe.sft.stage import summarize
 from alignpipe.testing import tiny_config, tiny_tokenizer
 
 SYSTEM = {"role": "system", "content": "Be brief."}
