@@ -36,8 +36,11 @@ def test_stage_params_are_the_sections_its_script_loads(name):
     assert whole <= loaded, f"{name} declares sections its script never loads: {whole - loaded}"
     assert loaded <= whole | {d.split(".")[0] for d in dotted}, f"{name} loads undeclared sections"
     for key in dotted:
-        section, field = key.split(".", 1)
-        assert field in Params.model_fields[section].annotation.model_fields, key
+        section, *parents, field = key.split(".")
+        model = Params.model_fields[section].annotation
+        for part in parents:  # nested sections, e.g. dpo.peft.load_in_4bit
+            model = model.model_fields[part].annotation
+        assert field in model.model_fields, key
 
 
 def test_a_dpo_sweep_leaves_ref_logps_alone():

@@ -123,8 +123,8 @@ PREFS = {"data": {"preferences": {"source": "prefs.jsonl"}}}
             "sft.peft.load_in_4bit: QLoRA trains LoRA adapters: it needs peft.enabled: true",
         ),
         (
-            {"dpo": {"peft": {"enabled": True, "load_in_4bit": True}}},
-            "dpo.peft: QLoRA (load_in_4bit) is implemented for sft only",
+            {"dpo": {"peft": {"load_in_4bit": True}}},
+            "dpo.peft.load_in_4bit: QLoRA trains LoRA adapters: it needs peft.enabled: true",
         ),
         (
             {"reward": {"model": "some/rm"}},
@@ -160,6 +160,7 @@ def test_bad_setting_fails_with_one_line_naming_the_key(data, expected):
         {"generate": {"n": 2, "stop": ["\n\n"]}},
         {"reward": {"kind": "hf", "model": "some/rm"}},
         {"sft": {"peft": {"enabled": True, "load_in_4bit": True}}},
+        {"dpo": {"peft": {"enabled": True, "load_in_4bit": True}}},  # QLoRA for dpo too (tests/test_qlora.py)
     ],
 )
 def test_good_neighbours_pass(data):

@@ -19,8 +19,10 @@ def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:
 
     @functools.wraps(fn)
     def wrapper() -> None:
+        exit_with_launcher()
         try:
             fn()
+            close_process_group()
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
@@ -37,6 +39,31 @@ def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:
             sys.exit(1)
 
     return wrapper
+
+
+def exit_with_launcher() -> None:
+    """Under torchrun (``accelerate launch``), die with the launcher. torchrun starts each worker in
+    a session of its own, so a SIGKILL of the launcher (or of dvc's process group) left the workers
+    training, and writing ``models/`` after the stage had failed. Linux: ``PR_SET_PDEATHSIG``."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the call
+        os._exit(1)
+
+
+def close_process_group() -> None:
+    """End a stage's torch.distributed group (gloo, DeepSpeed) before exit: left to the interpreter's
+    teardown, a worker sometimes aborted ("terminate called without an active exception") after
+    writing its outputs, and the launcher failed the stage."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _is_ours(exc: BaseException) -> bool:

@@ -211,8 +211,8 @@ class PeftParams(Section):
     )
     load_in_4bit: bool = Field(
         False,
-        description="QLoRA: keep the base weights in 4 bits (sft only; needs peft.enabled, a CUDA GPU "
-        "and bitsandbytes).",
+        description="QLoRA: LoRA on NF4 4-bit base weights (needs peft.enabled and bitsandbytes; runs on "
+        "CPU or GPU).",
     )
 
     @field_validator("target_modules")
@@ -469,7 +469,9 @@ class PairsParams(Section):
 class RefLogpsParams(Section):
     batch_size: PositiveInt = Field(8, description="Pairs per forward pass of the reference model.")
     dtype: Dtype = Field(
-        "auto", description="Reference model precision: 'auto' is bfloat16 on a GPU and float32 on a CPU."
+        "auto",
+        description="Reference model precision: 'auto' computes as dpo computes its policy (dpo.dtype, "
+        "LoRA base dtype, 4-bit base), so the step-1 loss is ln 2; a dtype computes in those weights.",
     )
 
 
@@ -495,8 +497,8 @@ class DpoParams(TrainParams):
     )
     peft: PeftParams = Field(
         PeftParams(),
-        description="LoRA instead of full fine-tuning (merged at the end; the adapter is kept). "
-        "QLoRA (load_in_4bit) is sft only.",
+        description="LoRA instead of full fine-tuning (merged at the end; the adapter is kept), or QLoRA "
+        "(load_in_4bit: the reference log-probs then come from the same 4-bit base).",
     )
     loss_type: LossName | list[LossName] = Field(
         "sigmoid",
@@ -618,15 +620,6 @@ class DpoParams(TrainParams):
                 raise ValueError(f"discopop_tau must be > 0 (a temperature), got {option}")
             if name == "orpo_lambda" and option < 0:
                 raise ValueError(f"orpo_lambda must be >= 0 (the odds-ratio term's weight), got {option}")
-        return value
-
-    @field_validator("peft")
-    @classmethod
-    def _no_qlora(cls, value: PeftParams) -> PeftParams:
-        if value.load_in_4bit:
-            raise ValueError(
-                "QLoRA (load_in_4bit) is implemented for sft only; set dpo.peft.load_in_4bit: false"
-            )
         return value
 
     @model_validator(mode="after")

@@ -14,10 +14,11 @@ from typing import Any
 from alignpipe.artifacts.io import write_json
 from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, PairDataError, count_truncation, read_pairs
 from alignpipe.core.chat import require_chat_template
-from alignpipe.core.logprobs import load_reference, pair_scores
+from alignpipe.core.logprobs import pair_scores
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.params import DpoParams, RefLogpsParams
+from alignpipe.training.numerics import Numerics, reference_scorer
 
 SPLITS = ("train", "eval")
 
@@ -30,9 +31,13 @@ def run_ref_logps(
     max_length: int,
     max_prompt_length: int,
     metrics: Path | None = None,
+    policy: Numerics | None = None,
 ) -> dict[str, Any]:
     """Write ``out`` (schema.REF_LOGPS), one row per pair of ``pairs_dir/{train,eval}.parquet``,
-    and ``metrics`` (pairs, tokens, what the length limits cut, seconds) when given."""
+    and ``metrics`` (pairs, tokens, what the length limits cut, seconds) when given.
+
+    ``policy``: how dpo's policy computes; with ``ref_logps.dtype: auto`` the reference is computed the
+    same way (weights, autocast, 4-bit base), so dpo's step-1 loss is ln 2 on any device."""
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))
     pairs = []
@@ -46,9 +51,12 @@ def run_ref_logps(
         raise PairDataError(f"{pairs_dir}: pair_id {dup!r} is in both train and eval")
     truncation = count_truncation(pairs)
     truncation.warn("ref_logps", "pairs", DPO_LENGTH_KEYS)
-    scorer = load_reference(model_dir, params.dtype, pick_device())
+    numerics = policy if policy is not None and params.dtype == "auto" else Numerics(params.dtype)
+    device = pick_device()
+    scorer = reference_scorer(model_dir, numerics, device)
     timer = Timer("ref_logps")
-    scores = pair_scores(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
+    with numerics.context(device):
+        scores = pair_scores(scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True)
     n_tokens = sum(p.n_tokens for p in pairs)
     timer.summary(
         len(pairs), "pairs", tokens=n_tokens, tokens_per_s=round(n_tokens / max(timer.seconds, 1e-9))
@@ -73,7 +81,8 @@ class RefLogpsPaths:
 
 @dataclass(frozen=True)
 class RefLogpsSettings:
-    """The sections the stage reads: its own, and the tokenization lengths of ``dpo``."""
+    """The sections the stage reads: its own, and of ``dpo`` the tokenization lengths and how its
+    policy computes (``dpo.dtype``, ``dpo.peft.enabled``, ``dpo.peft.load_in_4bit``)."""
 
     ref_logps: RefLogpsParams
     dpo: DpoParams
@@ -90,4 +99,5 @@ def run(params: RefLogpsSettings, paths: RefLogpsPaths) -> dict[str, Any]:
         dpo.max_length,
         dpo.max_prompt_length,
         paths.metrics,
+        Numerics.of_policy(dpo.dtype, dpo.peft.enabled, dpo.peft.load_in_4bit),  # how dpo computes
     )

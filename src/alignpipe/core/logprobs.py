@@ -240,6 +240,7 @@ class CompletionScorer(nn.Module):
         self.logit_budget = logit_budget
         self._transform = _logits_transform(self.causal_lm.config)
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
+        self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)  # FSDP wraps these
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -266,8 +267,9 @@ class CompletionScorer(nn.Module):
             **extra,
         )
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[predict_index]
-        head = self.causal_lm.get_output_embeddings()
-        chunk = max(1, self.logit_budget // head.weight.shape[0])
+        chunk = max(
+            1, self.logit_budget // self.causal_lm.config.get_text_config().vocab_size
+        )  # ZeRO-3: head [0]
         if hidden.shape[0] <= chunk:
             return self._chunk(hidden, target_ids, aligned)
         parts = []
@@ -336,7 +338,8 @@ def shares_prompt(scorer: nn.Module) -> bool:
 
 def load_reference(path: str | Path, dtype: str, device: torch.device) -> CompletionScorer:
     """A frozen scorer (eval mode, no grads) of the model at ``path`` in ``dtype``, as both the
-    ``ref_logps`` stage and the live reference of ``dpo`` use it (no autocast: the weights' dtype)."""
+    ``ref_logps`` stage and the live reference of ``dpo`` use it (no autocast: the weights' dtype).
+    :func:`alignpipe.training.precision.reference_scorer` loads it as the dpo policy computes."""
     from alignpipe.core.models import load_causal_lm
 
     scorer = CompletionScorer(load_causal_lm(path, dtype=dtype, device=device)).eval()

@@ -25,6 +25,29 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_only() -> bool:
+    """No accelerator here: accelerate and the Trainer must be told (``cpu=True``), else processes
+    started by torchrun (``accelerate launch --multi_gpu``) each train alone instead of joining gloo."""
+    return not torch.accelerator.is_available()
+
+
+def deepspeed_launch() -> bool:
+    """Started by ``accelerate launch`` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """``Accelerator(**...)`` for this machine: on CPU ``cpu=True`` (see :func:`cpu_only`), except under
+    DeepSpeed, which accelerate skips on a ``cpu=True`` state: there the gloo backend, named."""
+    if not cpu_only():
+        return {}
+    if deepspeed_launch():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
 def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
     """``auto`` is bf16 on a GPU and fp32 on CPU; otherwise the named dtype."""
     if dtype == "auto":
@@ -120,6 +143,29 @@ def load_causal_lm(
             f"{path}: cannot load the model ({' '.join(str(exc).split())[:300]})"
         ) from None
     return model.to(device)
+
+
+def load_causal_lm_4bit(path: str | os.PathLike, device: torch.device | None = None) -> Any:
+    """QLoRA's base: NF4 4-bit linear layers (double quantization, bf16 compute), prepared for k-bit
+    training (the other weights in float32, all frozen). bitsandbytes runs it on CPU too."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    check_model_folder(path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        quantization_config=quantization,
+        dtype=torch.bfloat16,
+        device_map={"": device or pick_device()},
+        use_safetensors=True,
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def enable_activation_checkpointing(model: Any) -> None:

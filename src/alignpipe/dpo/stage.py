@@ -27,14 +27,12 @@ from alignpipe.core.logprobs import (
     CompletionScorer,
     PairLogps,
     collate_pairs,
-    load_reference,
     pack_row_tokens,
     pair_logps,
     shares_prompt,
 )
 from alignpipe.core.models import (
     enable_activation_checkpointing,
-    load_causal_lm,
     load_tokenizer,
     seed_everything,
 )
@@ -56,10 +54,11 @@ from alignpipe.training.checkpoints import (
     save_checkpoint,
 )
 from alignpipe.training.fingerprint import fingerprint
+from alignpipe.training.launch import make_accelerator, prepare
 from alignpipe.training.loop import NonFiniteError, Window, build_optimizer, build_scheduler, save_model
 from alignpipe.training.metrics import MetricsLog
-from alignpipe.training.peft import apply_peft
-from alignpipe.training.precision import compute_dtype, weights_dtype
+from alignpipe.training.numerics import Numerics, load_model, reference_scorer
+from alignpipe.training.peft import apply_peft, unquantized_copy
 
 # Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -151,7 +150,7 @@ def batch_logps(run: DpoRun, data: DpoPairs, index: list[int]) -> tuple[Any, Pai
     if run.ref_scorer is None:
         ref_c, ref_r = (t.to(device) for t in data.ref(index))
     else:
-        with torch.no_grad():
+        with torch.no_grad(), run.accelerator.autocast():  # the policy's mixed precision
             live = pair_logps(run.ref_scorer, batch)
         ref_c, ref_r = live.chosen_logps, live.rejected_logps
     return batch, policy, ref_c, ref_r
@@ -324,11 +323,9 @@ def build_run(
     model_dir: Path, pairs_dir: Path, ref_logps: Path, params: DpoParams, options: LoopOptions = LoopOptions()
 ) -> tuple[DpoRun, Any]:
     """Accelerator, data, policy (LoRA when asked), live reference, optimizer and scheduler."""
-    from accelerate import Accelerator
 
-    compute = compute_dtype(params)
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(compute, "no")
-    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=params.grad_accum)
+    numerics = Numerics.of_policy(params.dtype, params.peft.enabled, params.peft.load_in_4bit)
+    acc = make_accelerator(numerics, params.grad_accum)
     seed_everything(params.seed)
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))
@@ -336,14 +333,14 @@ def build_run(
     train_data = load_split(pairs_dir, "train", ref_logps, tokenizer, *lengths)
     has_eval = (pairs_dir / "eval.parquet").exists()
     eval_data = load_split(pairs_dir, "eval", ref_logps, tokenizer, *lengths) if has_eval else None
-    model = load_causal_lm(model_dir, dtype=weights_dtype(params), device=acc.device)
+    model = load_model(model_dir, numerics, acc.device)  # the ref_logps stage loads the same way
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
     scorer = CompletionScorer(apply_peft(model, params.peft)).train()
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
-    ref = load_reference(model_dir, params.dtype, acc.device) if params.reference == "live" else None
+    ref = reference_scorer(model_dir, numerics, acc.device) if params.reference == "live" else None
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
     share = share and options.shared_prompt
@@ -354,7 +351,7 @@ def build_run(
     if per_epoch == 0:
         raise ValueError(f"dpo: {len(train_data)} train pairs are too few for one step of {global_size}")
     scheduler = build_scheduler(optimizer, params, total)
-    scorer, optimizer = acc.prepare(scorer, optimizer)
+    scorer, optimizer = prepare(acc, scorer, optimizer, params)
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
                  tokenizer.pad_token_id, total, row_tokens, share, options)  # fmt: skip
     return run, tokenizer
@@ -392,6 +389,7 @@ def run_dpo(
     state = acc.get_state_dict(run.scorer)
     if acc.is_main_process:
         policy = acc.unwrap_model(run.scorer).model
+        policy = unquantized_copy(policy, model_dir, params.peft) if params.peft.load_in_4bit else policy
         full = None if params.peft.enabled else {k.removeprefix("model."): v for k, v in state.items()}
         save_model(policy, full, tokenizer, out_dir)
         log.close(summary)

@@ -33,7 +33,10 @@ from alignpipe.artifacts.schema import SFT
 from alignpipe.core.chat import require_chat_template
 from alignpipe.core.models import (
     check_model_folder,
+    cpu_only,
+    deepspeed_launch,
     load_causal_lm,
+    load_causal_lm_4bit,
     load_tokenizer,
     pick_device,
     seed_everything,
@@ -66,7 +69,7 @@ LIVE_METRICS = {
 
 
 class SftConfigError(ValueError):
-    """The sft settings cannot run here (e.g. QLoRA without a GPU)."""
+    """The sft settings cannot run here (e.g. QLoRA without bitsandbytes)."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,8 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
         data_collator=collator(params, tokenizer.pad_token_id, trim_logits=args.n_gpu <= 1),
         callbacks=[live, stop, *callbacks],
         sampler=LengthGroupedSampler(
-            [len(e.input_ids) for e in data.examples], params.batch_size, params.seed
-        ),
+            [len(e.input_ids) for e in data.examples], params.batch_size * args.world_size, params.seed
+        ),  # global batches: the processes split each one, so N x B/N sees what 1 x B sees
         non_finite=stop,
     )
     started = time.perf_counter()
@@ -142,10 +145,6 @@ def check_settings(params: SftParams) -> None:
     if params.peft.load_in_4bit:
         if not params.peft.enabled:
             raise SftConfigError("sft.peft.load_in_4bit (QLoRA) needs sft.peft.enabled: true")
-        if not torch.cuda.is_available():
-            raise SftConfigError(
-                "sft.peft.load_in_4bit (QLoRA) needs a CUDA GPU; set it to false on this machine"
-            )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise SftConfigError("sft.peft.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
 
@@ -164,6 +163,8 @@ def training_arguments(params: SftParams, checkpoints: Path) -> TrainingArgument
     dtype = compute_dtype(params)
     return TrainingArguments(
         output_dir=str(checkpoints),
+        use_cpu=cpu_only() and not deepspeed_launch(),  # as core.models.accelerator_kwargs
+        ddp_backend="gloo" if cpu_only() and deepspeed_launch() else None,
         per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.grad_accum,
         num_train_epochs=params.epochs,
@@ -223,34 +224,15 @@ def build_model(params: SftParams, model_dir: Path) -> Any:
     )
     if not params.peft.enabled:
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if params.peft.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=params.gradient_checkpointing
-        )
-    elif params.gradient_checkpointing:
+    if params.gradient_checkpointing:  # a 4-bit base is prepared for k-bit training by its loader
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(params.peft))
 
 
 def _load_4bit(model_dir: Path) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    check_model_folder(model_dir)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    return AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        quantization_config=quantization,
-        dtype=torch.bfloat16,
-        device_map={"": pick_device()},
-        use_safetensors=True,
-    )
+    return load_causal_lm_4bit(model_dir, pick_device())
 
 
 def save_final(trainer: Trainer, params: SftParams, paths: SftPaths, tokenizer: Any) -> None:

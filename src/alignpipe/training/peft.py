@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from alignpipe.params import PeftParams
@@ -29,3 +31,15 @@ def apply_peft(model: nn.Module, peft: PeftParams) -> nn.Module:
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(peft))
+
+
+def unquantized_copy(peft_model: nn.Module, model_dir: Path, peft: PeftParams) -> nn.Module:
+    """The trained adapters on a fresh bf16 CPU copy of the base (QLoRA: merging into the 4-bit
+    layers would save quantized weights; the merged folder holds plain ones, as sft's does)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from alignpipe.core.models import load_causal_lm
+
+    fresh = apply_peft(load_causal_lm(model_dir, dtype="bfloat16", device=torch.device("cpu")), peft)
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_model))
+    return fresh
