@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.dpo.stage import DpoPaths, run
 from alignpipe.params import load_section
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__, "dpo")
     parser.add_argument(
         "--model", type=Path, required=True, help="the SFT model folder (start and reference)"
     )

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.evaluate.stage import EvaluatePaths, EvaluateSettings, run
 from alignpipe.params import load_section
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__, "evaluate", "reward", "dpo")
     parser.add_argument("--sft", required=True, help="SFT model folder")
     parser.add_argument("--dpo", required=True, help="DPO model folder")
     parser.add_argument("--base", required=True, help="base model folder (read when evaluate.include_base)")

@@ -9,17 +9,16 @@ see ``alignpipe.generate`` for how shards are combined.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.generate import GeneratePaths, run
 from alignpipe.params import load_section
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__.splitlines()[0], "generate")
     parser.add_argument("--model", required=True, help="policy model folder (models/sft)")
     parser.add_argument("--prompts", required=True, help="prompts parquet (schema PROMPTS)")
     parser.add_argument("--out", required=True, help="output folder of chunk parquet files")

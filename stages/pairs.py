@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.pairs import PairsPaths, run
 from alignpipe.params import load_section
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__, "pairs")
     parser.add_argument("--scored", required=True, help="scored parquet")
     parser.add_argument("--prompts", required=True, help="prompts parquet (the prompt messages)")
     parser.add_argument("--prepared", required=True, help="prepared data folder (preferences.parquet if any)")

@@ -1,16 +1,15 @@
 """Stage prepare: data sources to conversational parquet files (see alignpipe.prepare)."""
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.params import load_section
 from alignpipe.prepare import PreparePaths, run
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__, "data")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the prepared parquet files")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics json (row counts, drops)")
     parser.add_argument("--params", default="params.yaml")

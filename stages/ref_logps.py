@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.params import load_section
 from alignpipe.ref_logps import RefLogpsPaths, RefLogpsSettings, run
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__, "ref_logps", "dpo")
     parser.add_argument("--model", type=Path, required=True, help="the reference (SFT) model folder")
     parser.add_argument(
         "--pairs", type=Path, required=True, help="folder with train.parquet and eval.parquet"

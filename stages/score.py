@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.params import load_section
 from alignpipe.score import ScorePaths, run
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = stage_parser(__doc__, "reward")
     parser.add_argument("--generations", required=True, help="folder of generation parquet shards")
     parser.add_argument("--prompts", required=True, help="prompts parquet (prompt messages and meta)")
     parser.add_argument("--out", required=True, help="scored parquet to write")

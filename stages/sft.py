@@ -4,17 +4,16 @@ Runs as `python stages/sft.py ...` or under `accelerate launch --config_file con
 (params.yaml: sft.launcher).
 """
 
-import argparse
 from pathlib import Path
 
-from alignpipe.cli import stage_main
+from alignpipe.cli import stage_main, stage_parser
 from alignpipe.params import load_section
 from alignpipe.sft.stage import SftPaths, run
 
 
 @stage_main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__.splitlines()[0], "sft")
     parser.add_argument("--model", required=True, type=Path, help="base model folder")
     parser.add_argument("--data", required=True, type=Path, help="sft.parquet")
     parser.add_argument("--out", required=True, type=Path, help="output model folder (merged HF model)")

@@ -175,7 +175,7 @@ def test_stage_cli_reports_a_bad_shard_in_one_line(
     stage = util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     params = tmp_path / "params.yaml"
-    params.write_text("generate:\n  backend: hf\n  n: 1\n  max_new_tokens: 2\n  num_shards: 2\n")
+    params.write_text("generate:\n  backend: hf\n  n: 2\n  max_new_tokens: 2\n  num_shards: 2\n")
     argv = [
         "generate.py",
         "--model",
@@ -199,4 +199,12 @@ def test_stage_cli_reports_a_bad_shard_in_one_line(
     )
     monkeypatch.setattr(sys, "argv", argv[:-2] + ["--metrics", str(tmp_path / "m.json")])
     stage.main()
-    assert len(read_generations(tmp_path / "out")) == N_PROMPTS
+    assert len(read_generations(tmp_path / "out")) == 2 * N_PROMPTS
+    # a rule across sections stops generate itself, before any sampling (not pairs, after it)
+    params.write_text("generate:\n  backend: hf\n  n: 1\n  max_new_tokens: 2\n")
+    monkeypatch.setattr(sys, "argv", [*argv[:-4], "--out", str(tmp_path / "out1"), "--params", str(params)])
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main()
+    assert exit_info.value.code == 1
+    assert "generate.n: 1 sample per prompt gives no pairs to compare" in capsys.readouterr().err
+    assert not (tmp_path / "out1").exists()

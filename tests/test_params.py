@@ -119,3 +119,26 @@ def test_broken_yaml_is_one_line(tmp_path):
     with pytest.raises(ParamsError, match="not valid YAML") as err:
         load_params(path)
     assert "\n" not in str(err.value)
+
+
+def test_stage_help_lists_every_key_of_its_sections_with_its_description():
+    """`stages/<name>.py --help` shows the params keys (default and description) the stage reads."""
+    import subprocess
+    import sys
+
+    from alignpipe.params import Params, section_help
+
+    for name, info in Params.model_fields.items():
+        text = section_help(name)
+        for field, sub in info.annotation.model_fields.items():
+            if sub.description:  # a nested model lists its own keys (checked below for dpo.peft)
+                assert f"{name}.{field} " in text or f"{name}.{field}." in text, (name, field)
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "dpo.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    beta = Params.model_fields["dpo"].annotation.model_fields["beta"].description
+    assert f"dpo.beta (0.1): {beta}" in help_text
+    assert "dpo.peft.r (16): " in help_text and "--ref-logps" in help_text

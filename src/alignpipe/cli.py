@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -9,6 +10,18 @@ from collections.abc import Callable
 from typing import Any
 
 DEBUG_ENV = "ALIGNPIPE_DEBUG"
+
+
+def stage_parser(description: str, *sections: str) -> argparse.ArgumentParser:
+    """A stage script's parser: its paths as options, and in ``--help`` the params keys it reads,
+    with their defaults and descriptions (the same texts as the Prefect form's)."""
+    from alignpipe.params import section_help
+
+    return argparse.ArgumentParser(
+        description=description,
+        epilog=section_help(*sections),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def stage_main(fn: Callable[[], Any]) -> Callable[[], None]:

@@ -774,7 +774,9 @@ def load_section(section: Literal["evaluate"], path: str | os.PathLike = ...) ->
 
 
 def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Section:
-    """Load one section (e.g. ``"dpo"``) through its model; other sections are not validated.
+    """Load one section (e.g. ``"dpo"``) through its model, after checking the whole file: a rule
+    across sections (``generate.n: 1`` without ``data.preferences.source``) stops the first stage
+    it concerns, not a later one.
 
     Typed per section name (``load_section("dpo")`` is a ``DpoParams``), so stages need no casts."""
     if section not in Params.model_fields:
@@ -788,9 +790,29 @@ def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Secti
         validate(Params, {k: data[k] for k in unknown}, where=str(path))
     model = typing.cast(type[Section], Params.model_fields[section].annotation)
     loaded = validate(model, data.get(section), where=str(path), prefix=section)
+    validate(Params, data, where=str(path))
     if os.environ.get(TRACE_ENV):
         _TRACE.watch(loaded, section)
     return loaded
+
+
+def section_help(*sections: str) -> str:
+    """The keys of ``sections`` with their defaults and descriptions: a stage script's ``--help``
+    (the same texts as the Prefect form's, from the models' ``Field(description=...)``)."""
+    lines = ["params.yaml keys this stage reads (default: description):"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            nested = [c for c in (info.annotation, *typing.get_args(info.annotation)) if isinstance(c, type)]
+            sub = next((c for c in nested if issubclass(c, BaseModel)), None)
+            if sub is not None and isinstance(info.default, BaseModel):
+                walk(sub, f"{prefix}{name}.")
+                continue
+            lines.append(f"  {prefix}{name} ({info.default!r}): {info.description or ''}")
+
+    for section in sections:
+        walk(typing.cast(type[BaseModel], Params.model_fields[section].annotation), f"{section}.")
+    return "\n".join(lines)
 
 
 TRACE_ENV = "ALIGNPIPE_PARAMS_TRACE"
