@@ -40,6 +40,7 @@ from alignpipe.artifacts.pairs import EncodedPair
 from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.attention import Segments, common_prefix, enable_shared_prompt
 from alignpipe.core.chat import Encoded
+from alignpipe.core.router import router_aux_loss, router_inputs
 
 # Logits held at once per chunk: 2**26 floats = 256 MiB in float32 (1365 tokens of a 49k vocabulary).
 LOGIT_BUDGET = 2**26
@@ -240,6 +241,10 @@ class CompletionScorer(nn.Module):
         self.logit_budget = logit_budget
         self._transform = _logits_transform(self.causal_lm.config)
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
+        self.route, self.aux_loss = (
+            False,
+            None,
+        )  # MoE: route -> aux_loss, the router's (alignpipe.core.router)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -257,7 +262,7 @@ class CompletionScorer(nn.Module):
         segments: Segments | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs (N,) float32 of ``target_ids`` at ``predict_index``; and aligned ones when asked."""
-        extra = {} if segments is None else {"pair_segments": segments}
+        extra = router_inputs(self.route) | ({} if segments is None else {"pair_segments": segments})
         out = self.causal_lm.get_decoder()(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -265,6 +270,7 @@ class CompletionScorer(nn.Module):
             use_cache=False,
             **extra,
         )
+        self.aux_loss = router_aux_loss(out, self.causal_lm, attention_mask) if self.route else None
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[predict_index]
         head = self.causal_lm.get_output_embeddings()
         chunk = max(1, self.logit_budget // head.weight.shape[0])
