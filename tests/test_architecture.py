@@ -366,4 +366,7 @@ def test_the_params_trace_catches_an_unlisted_key(tmp_path, monkeypatch):
         "ref_logps reads dpo.peft: add it to its params in dvc.yaml",
         "ref_logps reads dpo.peft.r: add it to its params in dvc.yaml",
     ]
-    assert extras == ["ref_logps lists dpo.max_prompt_length but never reads it: remove it from its params"]
+    assert extras == [
+        "ref_logps lists dpo.max_prompt_length but never reads it: remove it from its params",
+        "ref_logps lists dpo.reference_free but never reads it: remove it from its params",
+    ]

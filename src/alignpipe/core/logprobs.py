@@ -241,10 +241,7 @@ class CompletionScorer(nn.Module):
         self.logit_budget = logit_budget
         self._transform = _logits_transform(self.causal_lm.config)
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
-        self.route, self.aux_loss = (
-            False,
-            None,
-        )  # MoE: route -> aux_loss, the router's (alignpipe.core.router)
+        self.route, self.aux_loss = False, None  # MoE router loss (alignpipe.core.router)
 
     @property
     def causal_lm(self) -> nn.Module:
