@@ -243,7 +243,7 @@ def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
         batch_size=s["batch_size"], max_length=s["max_length"], max_prompt_length=s["max_length"] - 1,
         max_steps=s["steps"], padding_free=s["padding_free"] == "on", compile=s["compile"],
         dtype=s["dtype"], seed=s["seed"], logging_steps=1, eval_steps=10**9, save_steps=10**9,
-        gradient_checkpointing=s["gradient_checkpointing"] == "on",
+        save_minutes=None, gradient_checkpointing=s["gradient_checkpointing"] == "on",
     )  # fmt: skip
     tokenizer = load_tokenizer(s["model_dir"])
     pairs = encoded(s, workdir, tokenizer)

@@ -246,7 +246,9 @@ def test_dpo_on_a_moe_model_adds_the_router_loss(tmp_path):
     tiny_mixtral(tok).save_pretrained(folder)
     tok.save_pretrained(folder)
     data = make_pairs(tmp_path, folder, n_train=8, n_eval=2)
-    quick = dict(max_steps=3, batch_size=4, save_minutes=None, learning_rate=1e-2, gradient_checkpointing=False)
+    quick = dict(
+        max_steps=3, batch_size=4, save_minutes=None, learning_rate=1e-2, gradient_checkpointing=False
+    )
     dpo(folder, data, tmp_path / "plain", DpoParams(router_aux_loss_coef=0.0, **quick))
     dpo(folder, data, tmp_path / "aux", DpoParams(router_aux_loss_coef=1.0, **quick))
     plain, aux = (load_file(str(tmp_path / r / "out" / "model.safetensors")) for r in ("plain", "aux"))
