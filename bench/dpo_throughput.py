@@ -222,6 +222,7 @@ class StepLosses:
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.history: list[tuple[int, dict[str, float]]] = []  # nothing replayed (no resume here)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if "loss" in metrics:
