@@ -307,6 +307,8 @@ def train(
             saver.restart()
         bar.update(1)
     bar.close()
+    if stopper.stopped_at is not None and window.pairs:  # the steps since the last log, as at the end
+        log_window(log, stopper.stopped_at, window, stats)
     last = stopper.stopped_at or run.total_steps
     if acc.is_main_process:
         timer.summary(pairs_seen, "pairs", steps=last - start)
