@@ -222,6 +222,7 @@ class StepLosses:
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.history: list[tuple[int, dict[str, float]]] = []  # nothing replayed (no resume here)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if "loss" in metrics:
@@ -243,7 +244,7 @@ def run_ours(settings: dict[str, Any], workdir: Path) -> dict[str, Any]:
         batch_size=s["batch_size"], max_length=s["max_length"], max_prompt_length=s["max_length"] - 1,
         max_steps=s["steps"], padding_free=s["padding_free"] == "on", compile=s["compile"],
         dtype=s["dtype"], seed=s["seed"], logging_steps=1, eval_steps=10**9, save_steps=10**9,
-        gradient_checkpointing=s["gradient_checkpointing"] == "on",
+        save_minutes=None, gradient_checkpointing=s["gradient_checkpointing"] == "on",
     )  # fmt: skip
     tokenizer = load_tokenizer(s["model_dir"])
     pairs = encoded(s, workdir, tokenizer)

@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output parquet (schema.REF_LOGPS)")
     parser.add_argument("--metrics", type=Path, help="metrics json (pairs, tokens, truncation, seconds)")
     args = parser.parse_args()
-    # of dpo it reads only dpo.max_length and dpo.max_prompt_length (the tokenization)
+    # of dpo it reads only dpo.max_length, dpo.max_prompt_length (the tokenization) and dpo.reference_free
     settings = RefLogpsSettings(load_section("ref_logps"), load_section("dpo"))
     run(settings, RefLogpsPaths(args.model, args.pairs, args.out, args.metrics))
 

@@ -365,4 +365,5 @@ def test_the_params_trace_catches_an_unlisted_key(tmp_path, monkeypatch):
     assert extras == [
         "ref_logps lists dpo.max_prompt_length but never reads it: remove it from its params",
         "ref_logps lists dpo.dtype but never reads it: remove it from its params",
+        "ref_logps lists dpo.reference_free but never reads it: remove it from its params",
     ]

@@ -18,7 +18,8 @@ from alignpipe.artifacts.io import read_parquet, write_parquet
 from alignpipe.core.logprobs import CompletionScorer, PairLogps
 from alignpipe.core.models import load_tokenizer
 from alignpipe.dpo.data import epoch_batches, load_split, micro_batches, steps_per_epoch
-from alignpipe.dpo.stage import merged_weights, pair_losses, run_dpo, sync_reference
+from alignpipe.dpo.stage import pair_losses, run_dpo
+from alignpipe.dpo.tr_dpo import merged_weights, sync_reference
 from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.testing import tiny_model

@@ -23,6 +23,7 @@ from alignpipe.orchestration.flow_support import update_params
 from alignpipe.params import (
     LOSS_OPTION_NAMES,
     LOSS_OPTIONS,
+    REFERENCE_FREE_LOSSES,
     SORTED_ROW_LOSSES,
     DpoParams,
     LossName,
@@ -95,6 +96,21 @@ PREFS = {"data": {"preferences": {"source": "prefs.jsonl"}}}
         ),
         # steps
         ({"dpo": {"max_steps": 0}}, "dpo.max_steps: must be >= 1, or -1 to let the epochs decide (got 0)"),
+        (
+            {"dpo": {"loss_type": "simpo"}},
+            "loss_type ['simpo'] reads no reference log-probs; set dpo.reference_free: true",
+        ),
+        (
+            {"dpo": {"reference_free": True, "reference": "live"}},
+            "dpo.reference_free needs no reference model; set dpo.reference: precomputed",
+        ),
+        ({"dpo": {"early_stopping": {"metric": "margin"}}}, "dpo.early_stopping.metric: Input should be"),
+        (
+            {"dpo": {"early_stopping": {"patience": 0}}},
+            "dpo.early_stopping.patience: Input should be greater",
+        ),
+        ({"sft": {"save_minutes": 0}}, "sft.save_minutes: Input should be greater than 0"),
+        ({"dpo": {"router_aux_loss_coef": -0.01}}, "dpo.router_aux_loss_coef: Input should be greater"),
         ({"sft": {"max_steps": 0}}, "sft.max_steps: must be >= 1, or -1"),
         ({"sft": {"max_steps": -2}}, "sft.max_steps: must be >= 1, or -1 to let the epochs decide (got -2)"),
         # sampling
@@ -151,7 +167,17 @@ def test_bad_setting_fails_with_one_line_naming_the_key(data, expected):
     [
         {"dpo": {"loss_type": "exo_pair", "label_smoothing": 1e-3}},
         {"dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.0]}},
-        {"dpo": {"loss_type": ["simpo", "orpo"], "loss_options": {"simpo_gamma": -0.5, "orpo_lambda": 0.0}}},
+        {
+            "dpo": {
+                "loss_type": ["simpo", "orpo"],
+                "loss_options": {"simpo_gamma": -0.5, "orpo_lambda": 0.0},
+                "reference_free": True,
+            }
+        },
+        {"dpo": {"loss_type": ["sigmoid", "simpo"]}},  # sigmoid reads the reference
+        {"dpo": {"reference_free": True}},  # reference-free DPO (TRL's reference_free)
+        {"dpo": {"early_stopping": {"metric": "accuracy", "patience": 1, "min_delta": 0.01}}},
+        {"sft": {"save_minutes": None}, "dpo": {"save_minutes": 0.5}},
         {"dpo": {"loss_type": "bco_pair", "loss_options": {"bco_delta": -1.0}}},
         {"dpo": {"loss_type": "robust", "label_smoothing": 0.49, "wpo": True}},
         {"dpo": {"max_steps": 1}, "sft": {"max_steps": -1}},
@@ -174,6 +200,7 @@ def test_params_loss_names_and_options_equal_the_loss_registry():
         n: s.options for n, s in losses.LOSSES.items()
     }
     assert {n for n, s in losses.LOSSES.items() if s.sorted_rows} == SORTED_ROW_LOSSES
+    assert {n for n, s in losses.LOSSES.items() if s.reference_free} == REFERENCE_FREE_LOSSES
     assert set(LOSS_OPTION_NAMES) == {f.name for f in fields(losses.LossOptions)} - {"label_smoothing"}
     description = DpoParams.model_fields["loss_type"].description or ""
     assert all(name in description for name in LOSS_OPTIONS)
@@ -199,7 +226,8 @@ def test_params_refuse_exactly_what_the_losses_refuse():
         LOSS_OPTIONS, (0.0, 0.1), (None, *LOSS_OPTION_NAMES), (0, 1)
     ):
         options = {option: 1.0} if option else {}
-        data = {"dpo": {"loss_type": name, "label_smoothing": ls, "loss_options": options, "wpo": bool(wpo)}}
+        data = {"dpo": {"loss_type": name, "label_smoothing": ls, "loss_options": options, "wpo": bool(wpo),
+                        "reference_free": name in REFERENCE_FREE_LOSSES}}  # fmt: skip
         try:
             validate(Params, data)
             params_ok = True

@@ -65,6 +65,7 @@ LOSS_OPTIONS: dict[str, frozenset[str]] = {
     "orpo": frozenset({"orpo_lambda"}),
     "sft": frozenset(),
 }
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})  # they read no reference log-probs
 SORTED_ROW_LOSSES = frozenset({"aot", "aot_unpaired"})  # rows are batch quantiles: no per-pair weights
 LOSS_OPTION_NAMES = ("bco_delta", "discopop_tau", "simpo_gamma", "orpo_lambda")  # keys of dpo.loss_options
 
@@ -281,6 +282,12 @@ class TrainParams(Section):
     save_steps: PositiveInt = Field(
         50, description="Write a checkpoint (a resume point) every n optimizer steps."
     )
+    save_minutes: Annotated[float, Field(gt=0)] | None = Field(
+        1.0,
+        description="Also write a checkpoint when this many minutes of training have passed since the "
+        "last one (null: save_steps only). Each one writes the weights and the optimizer state (~3x the "
+        "model): raise it for big models (e.g. 30).",
+    )
     peft: PeftParams = Field(PeftParams(), description="LoRA / QLoRA instead of full fine-tuning.")
 
     @field_validator("max_steps")
@@ -475,6 +482,20 @@ class RefLogpsParams(Section):
     )
 
 
+class EarlyStopping(Section):
+    metric: Literal["off", "loss", "accuracy"] = Field(
+        "off",
+        description="Watch the eval pairs' loss (lower is better) or implicit-reward accuracy (higher is "
+        "better) at each evaluation and stop when it stops improving; 'off': train to the end.",
+    )
+    patience: PositiveInt = Field(
+        3, description="Evaluations without an improvement of at least min_delta before the run stops."
+    )
+    min_delta: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="The smallest change of the metric that counts as an improvement."
+    )
+
+
 class DpoParams(TrainParams):
     epochs: PositiveInt = Field(3, description="Passes over the train pairs (unless max_steps is set).")
     learning_rate: Annotated[float, Field(gt=0)] = Field(
@@ -557,6 +578,21 @@ class DpoParams(TrainParams):
     )
     compile: bool = Field(False, description="torch.compile the model (GPU; the first steps are slower).")
     eval_steps: PositiveInt = Field(20, description="Evaluate on the eval pairs every n optimizer steps.")
+    reference_free: bool = Field(
+        False,
+        description="Reference log-probs are zero (as TRL's reference_free): the implicit reward is "
+        "beta x the policy's log-prob, and ref_logps runs no model. Needed by losses that read no "
+        "reference (simpo, orpo, sft).",
+    )
+    router_aux_loss_coef: Annotated[float, Field(ge=0)] | None = Field(
+        None,
+        description="MoE models: weight of the router's load-balancing loss added to the DPO loss "
+        "(null: as the model's config, TRL's rule: its router_aux_loss_coef when its "
+        "output_router_logits is on; 0: off). Dense models ignore it.",
+    )
+    early_stopping: EarlyStopping = Field(
+        EarlyStopping(), description="Stop when the eval pairs' metric stops improving (needs eval pairs)."
+    )
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -628,6 +664,14 @@ class DpoParams(TrainParams):
             raise ValueError("dpo.ref_sync_steps (TR-DPO) needs dpo.reference: live")
         if self.max_prompt_length >= self.max_length:
             raise ValueError("dpo.max_prompt_length must be smaller than dpo.max_length")
+        types = _loss_list(self.loss_type)
+        if not self.reference_free and all(t in REFERENCE_FREE_LOSSES for t in types):
+            raise ValueError(
+                f"loss_type {types} reads no reference log-probs; set dpo.reference_free: true "
+                "(ref_logps then runs no model)"
+            )
+        if self.reference_free and self.reference == "live":
+            raise ValueError("dpo.reference_free needs no reference model; set dpo.reference: precomputed")
         return self
 
 

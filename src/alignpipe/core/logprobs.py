@@ -1,9 +1,7 @@
 """The one tokenization and log-prob path shared by ``ref_logps``, ``dpo`` and ``evaluate``.
 
-A pair becomes two token sequences (prompt + chosen, prompt + rejected) through
-:func:`alignpipe.core.chat.encode_completion`: the prompt is masked, the completion ends
-with exactly one EOS. A batch of B pairs goes through the model in one forward:
-sequences ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
+Pairs are encoded by :mod:`alignpipe.artifacts.pairs`. A batch of B pairs goes through the model
+in one forward: sequences ``0..B-1`` are the chosen completions, ``B..2B-1`` the rejected ones.
 
 - Padding-free (``padding_free=True``): sequences are concatenated into a row,
   ``position_ids`` restart at 0 for each sequence and ``attention_mask`` is None;
@@ -40,6 +38,7 @@ from alignpipe.artifacts.pairs import EncodedPair
 from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.attention import Segments, common_prefix, enable_shared_prompt
 from alignpipe.core.chat import Encoded
+from alignpipe.core.router import router_aux_loss, router_inputs
 
 # Logits held at once per chunk: 2**26 floats = 256 MiB in float32 (1365 tokens of a 49k vocabulary).
 LOGIT_BUDGET = 2**26
@@ -229,10 +228,9 @@ def _logits_transform(config: Any) -> Callable[[Tensor], Tensor]:
 class CompletionScorer(nn.Module):
     """Wraps a causal LM (plain or peft) so that one ``forward`` returns per-token completion log-probs.
 
-    Being a module, it is what ``accelerator.prepare`` wraps (DDP, FSDP, DeepSpeed), so the decoder
-    and the chunked LM head run inside the wrapper's forward. A model on sdpa is switched to
-    :mod:`alignpipe.core.attention`'s implementation (sdpa itself unless a batch has shared-prompt segments).
-    """
+    Being a module, it is what ``accelerator.prepare`` wraps (DDP, FSDP, DeepSpeed), so the decoder and
+    the chunked LM head run inside the wrapper's forward. A model on sdpa is switched to
+    :mod:`alignpipe.core.attention` (sdpa itself unless a batch has shared-prompt segments)."""
 
     def __init__(self, model: nn.Module, logit_budget: int = LOGIT_BUDGET) -> None:
         super().__init__()
@@ -241,6 +239,7 @@ class CompletionScorer(nn.Module):
         self._transform = _logits_transform(self.causal_lm.config)
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
         self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)  # FSDP wraps these
+        self.route, self.aux_loss = False, None  # MoE router loss (alignpipe.core.router)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -258,7 +257,7 @@ class CompletionScorer(nn.Module):
         segments: Segments | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs (N,) float32 of ``target_ids`` at ``predict_index``; and aligned ones when asked."""
-        extra = {} if segments is None else {"pair_segments": segments}
+        extra = router_inputs(self.route) | ({} if segments is None else {"pair_segments": segments})
         out = self.causal_lm.get_decoder()(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -266,6 +265,7 @@ class CompletionScorer(nn.Module):
             use_cache=False,
             **extra,
         )
+        self.aux_loss = router_aux_loss(out, self.causal_lm, attention_mask) if self.route else None
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[predict_index]
         chunk = max(
             1, self.logit_budget // self.causal_lm.config.get_text_config().vocab_size

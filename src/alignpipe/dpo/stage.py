@@ -38,6 +38,7 @@ from alignpipe.core.models import (
 )
 from alignpipe.core.objective import combined_loss, preference_loss
 from alignpipe.core.progress import Timer
+from alignpipe.core.router import router_weight
 from alignpipe.dpo.data import (
     DpoPairs,
     epoch_batches,
@@ -46,6 +47,9 @@ from alignpipe.dpo.data import (
     micro_batches,
     steps_per_epoch,
 )
+from alignpipe.dpo.diagnostics import PairTracker, pair_margins, report
+from alignpipe.dpo.early_stop import EarlyStopper
+from alignpipe.dpo.tr_dpo import sync_reference
 from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (
     checkpoint_history,
@@ -59,6 +63,7 @@ from alignpipe.training.loop import NonFiniteError, Window, build_optimizer, bui
 from alignpipe.training.metrics import MetricsLog
 from alignpipe.training.numerics import Numerics, load_model, reference_scorer
 from alignpipe.training.peft import apply_peft, unquantized_copy
+from alignpipe.training.timed_save import SaveTimer
 
 # Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -92,6 +97,7 @@ class DpoRun:
     row_tokens: int | None  # padding-free row capacity (logprobs.pack_row_tokens)
     share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.core.attention)
     options: LoopOptions = LoopOptions()
+    router_coef: float = 0.0  # MoE: weight of the router's load-balancing loss (alignpipe.core.router)
 
     @property
     def global_size(self) -> int:
@@ -147,7 +153,9 @@ def batch_logps(run: DpoRun, data: DpoPairs, index: list[int]) -> tuple[Any, Pai
     batch = collate_pairs(pairs, run.params.padding_free, run.pad_token_id, run.row_tokens, run.share_prompt)
     batch = batch.to(device)
     policy = pair_logps(run.scorer, batch, aligned=run.params.wpo)
-    if run.ref_scorer is None:
+    if run.params.reference_free:  # TRL's reference_free: log pi_ref = 0
+        ref_c, ref_r = torch.zeros_like(policy.chosen_logps), torch.zeros_like(policy.rejected_logps)
+    elif run.ref_scorer is None:
         ref_c, ref_r = (t.to(device) for t in data.ref(index))
     else:
         with torch.no_grad(), run.accelerator.autocast():  # the policy's mixed precision
@@ -165,6 +173,7 @@ class StepStats:
     tokens: int
     grad_norm: float
     learning_rate: float
+    margins: dict[str, float]  # implicit-reward margin of each pair of this process's micro-batches
 
 
 def train_step(run: DpoRun, step: int, micros: list[list[int]], n_global: int) -> StepStats:
@@ -172,13 +181,16 @@ def train_step(run: DpoRun, step: int, micros: list[list[int]], n_global: int) -
     acc, p = run.accelerator, run.params
     # accelerate divides each backward by grad_accum and DDP averages over processes: undo both
     scale = acc.num_processes * p.grad_accum / n_global
-    sums, tokens, bad = None, 0, []
+    sums, tokens, bad, margins = None, 0, [], {}
     for i, index in enumerate(micros):
         sync = i == len(micros) - 1
         with contextlib.nullcontext() if sync else acc.no_sync(run.scorer):
             batch, policy, ref_c, ref_r = batch_logps(run, run.train, index)
             per_pair = pair_losses(policy, ref_c, ref_r, p)
-            acc.backward(per_pair.sum() * scale)
+            aux = acc.unwrap_model(run.scorer).aux_loss if run.router_coef else None
+            router = run.router_coef * len(index) * aux if aux is not None else 0.0  # weighted like pairs
+            acc.backward((per_pair.sum() + router) * scale)
+        margins.update(pair_margins(batch.pair_ids, policy, ref_c, ref_r))
         bad += [
             pid for pid, ok in zip(batch.pair_ids, torch.isfinite(per_pair).tolist(), strict=True) if not ok
         ]
@@ -200,7 +212,7 @@ def train_step(run: DpoRun, step: int, micros: list[list[int]], n_global: int) -
     run.scheduler.step()
     run.optimizer.zero_grad()
     named = dict(zip(SUMMED, sums, strict=False))
-    return StepStats(named, int(sums[len(SUMMED)]), int(sums[-1]), grad_norm, lr)
+    return StepStats(named, int(sums[len(SUMMED)]), int(sums[-1]), grad_norm, lr, margins)
 
 
 @torch.no_grad()
@@ -225,32 +237,6 @@ def evaluate(run: DpoRun) -> dict[str, float]:
     n = max(float(sums[len(SUMMED)]), 1.0)
     mean = dict(zip(SUMMED, (sums[: len(SUMMED)] / n).tolist(), strict=True))
     return {f"eval/{k}": mean[k] for k in ("loss", "rewards/accuracies", "rewards/margins")}
-
-
-@torch.no_grad()
-def sync_reference(policy_model: nn.Module, reference: nn.Module, alpha: float) -> None:
-    """TR-DPO soft update of the live reference: ``ref <- alpha * policy + (1 - alpha) * ref``."""
-    policy = merged_weights(policy_model)
-    for name, ref in reference.named_parameters():
-        ref.mul_(1 - alpha).add_(policy[name].to(ref.dtype), alpha=alpha)
-
-
-def merged_weights(model: nn.Module) -> dict[str, Tensor]:
-    """The policy's effective weights keyed like a plain model (LoRA deltas added, not merged in place)."""
-    if not hasattr(model, "get_base_model"):
-        return dict(model.named_parameters())
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
-    weights = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            weights[f"{name}.weight"] = module.get_base_layer().weight + delta
-    for name, param in base.named_parameters():
-        if "lora_" not in name:
-            weights.setdefault(name.replace(".base_layer", ""), param)
-    return weights
 
 
 def schedule(run: DpoRun, start: int) -> Any:
@@ -288,18 +274,22 @@ def log_window(log: MetricsLog, step: int, window: Window, last: StepStats) -> N
     log.log(step, metrics)
 
 
-def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: dict[str, Any]) -> dict[str, Any]:
-    """The loop: step, sync the TR-DPO reference, log, evaluate, checkpoint."""
+def train(
+    run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: dict[str, Any], found: Path | None = None
+) -> dict[str, Any]:
+    """The loop: step, sync the TR-DPO reference, log, evaluate (maybe stop early), checkpoint."""
     from tqdm.auto import tqdm
 
     p, acc = run.params, run.accelerator
-    timer, window, pairs_seen = Timer("dpo"), Window.empty(), 0
+    timer, window, pairs_seen, saver = Timer("dpo"), Window.empty(), 0, SaveTimer(p.save_minutes)
+    stopper, tracker = EarlyStopper.from_history(p.early_stopping, log.history), PairTracker.resume(found)
     bar = tqdm(total=run.total_steps, initial=start, unit="step", desc="dpo", disable=not acc.is_main_process)
     for step, micros, n_global in schedule(run, start):
         t0 = time.perf_counter()
         stats = train_step(run, step, micros, n_global)
         window.add(stats.sums, stats.pairs, stats.tokens, time.perf_counter() - t0)
         pairs_seen += stats.pairs
+        tracker.see(stats.margins)
         if p.ref_sync_steps and step % p.ref_sync_steps == 0:
             assert run.ref_scorer is not None
             sync_reference(acc.unwrap_model(run.scorer).model, run.ref_scorer.model, p.ref_sync_alpha)
@@ -307,16 +297,24 @@ def train(run: DpoRun, start: int, log: MetricsLog, checkpoints: Path, fp: dict[
             log_window(log, step, window, stats)
             window = Window.empty()
         if run.eval is not None and (step % p.eval_steps == 0 or step == run.total_steps):
-            log.log(step, evaluate(run))
-        if step % p.save_steps == 0 and step < run.total_steps:
-            save_checkpoint(acc, checkpoints, step, fp, run.scheduler, run.ref_scorer, log.history)
+            log.log(step, metrics := evaluate(run))
+            if stopper.update(step, metrics):
+                break  # early stopping: the final model is this step's
+        if (step % p.save_steps == 0 or saver.due()) and step < run.total_steps:
+            extra = tracker.synced_state()  # the main process saves the pairs every process saw
+            save_checkpoint(acc, checkpoints, step, fp, run.scheduler, run.ref_scorer, log.history, extra)
+            saver.restart()
         bar.update(1)
     bar.close()
+    if stopper.stopped_at is not None and window.pairs:  # the steps since the last log, as at the end
+        log_window(log, stopper.stopped_at, window, stats)
+    last = stopper.stopped_at or run.total_steps
     if acc.is_main_process:
-        timer.summary(pairs_seen, "pairs", steps=run.total_steps - start)
+        timer.summary(pairs_seen, "pairs", steps=last - start)
     rate = pairs_seen / max(timer.seconds, 1e-9)
-    return {"steps": run.total_steps, "resumed_from": start, "train_pairs": len(run.train),
-            "train_seconds": round(timer.seconds, 2), "train_pairs_per_s": round(rate, 3)}  # fmt: skip
+    return {"steps": last, "resumed_from": start, "train_pairs": len(run.train),
+            "train_seconds": round(timer.seconds, 2), "train_pairs_per_s": round(rate, 3),
+            "early_stopping": stopper.summary(), "tracker": tracker}  # fmt: skip
 
 
 def build_run(
@@ -333,10 +331,14 @@ def build_run(
     train_data = load_split(pairs_dir, "train", ref_logps, tokenizer, *lengths)
     has_eval = (pairs_dir / "eval.parquet").exists()
     eval_data = load_split(pairs_dir, "eval", ref_logps, tokenizer, *lengths) if has_eval else None
+    if not eval_data and params.early_stopping.metric != "off":
+        raise ValueError(f"dpo.early_stopping watches the eval pairs, but {pairs_dir} has none")
     model = load_model(model_dir, numerics, acc.device)  # the ref_logps stage loads the same way
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
     scorer = CompletionScorer(apply_peft(model, params.peft)).train()
+    router = router_weight(scorer.causal_lm.config, params.router_aux_loss_coef)
+    scorer.route = router > 0
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
@@ -353,7 +355,7 @@ def build_run(
     scheduler = build_scheduler(optimizer, params, total)
     scorer, optimizer = prepare(acc, scorer, optimizer, params)
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
-                 tokenizer.pad_token_id, total, row_tokens, share, options)  # fmt: skip
+                 tokenizer.pad_token_id, total, row_tokens, share, options, router)  # fmt: skip
     return run, tokenizer
 
 
@@ -384,7 +386,8 @@ def run_dpo(
     truncation = count_truncation(run.train.pairs + (run.eval.pairs if run.eval else []))
     if acc.is_main_process:
         truncation.warn("dpo", "pairs", DPO_LENGTH_KEYS)
-    summary = train(run, start, log, checkpoints, fp)
+    summary = train(run, start, log, checkpoints, fp, found)
+    summary["diagnostics"] = report(summary.pop("tracker"), log.history, params.beta, acc.is_main_process)
     summary["truncation"] = truncation.as_dict()  # pairs cut, by what was cut (prompt, completion, both)
     state = acc.get_state_dict(run.scorer)
     if acc.is_main_process:

@@ -58,6 +58,7 @@ from alignpipe.training.fingerprint import fingerprint
 from alignpipe.training.metrics import MetricsLog
 from alignpipe.training.peft import lora_config
 from alignpipe.training.precision import compute_dtype, weights_dtype
+from alignpipe.training.timed_save import TimedSave
 
 # DVCLive names of the Trainer's log keys (reports/sft/plots/metrics/train/*.tsv).
 LIVE_METRICS = {
@@ -107,7 +108,7 @@ def run_sft(params: SftParams, paths: SftPaths, callbacks: Sequence[TrainerCallb
         args=args,
         train_dataset=SftDataset(data.examples),
         data_collator=collator(params, tokenizer.pad_token_id, trim_logits=args.n_gpu <= 1),
-        callbacks=[live, stop, *callbacks],
+        callbacks=[live, stop, TimedSave(params.save_minutes), *callbacks],
         sampler=LengthGroupedSampler(
             [len(e.input_ids) for e in data.examples], params.batch_size * args.world_size, params.seed
         ),  # global batches: the processes split each one, so N x B/N sees what 1 x B sees

@@ -60,11 +60,13 @@ def save_checkpoint(
     scheduler: Any,
     reference: nn.Module | None = None,
     history: list[Point] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step-<step>`` atomically (every process saves its shard and RNG), keep only it.
 
     ``reference``: a live reference that training changes (TR-DPO), saved with the policy;
-    ``history``: the points logged so far (replayed into the curves on resume).
+    ``history``: the points logged so far (replayed into the curves on resume); ``extra``: more state
+    of the loop (JSON; :func:`checkpoint_extra` reads it back).
     """
     from safetensors.torch import save_file, save_model
 
@@ -87,6 +89,7 @@ def save_checkpoint(
             "fingerprint": fp,
             "scheduler": scheduler.state_dict(),
             "log_history": history or [],
+            "extra": extra or {},
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(target, ignore_errors=True)
@@ -120,6 +123,11 @@ def checkpoint_history(path: Path) -> list[Point]:
     """The points logged up to the checkpoint at ``path`` (see alignpipe.training.metrics)."""
     state = json.loads((path / STATE_FILE).read_text())
     return [(int(step), metrics) for step, metrics in state.get("log_history", [])]
+
+
+def checkpoint_extra(path: Path) -> dict[str, Any]:
+    """The ``extra`` state saved with the checkpoint at ``path`` (empty for older checkpoints)."""
+    return json.loads((path / STATE_FILE).read_text()).get("extra") or {}
 
 
 # --- transformers' Trainer checkpoints (sft) -------------------------------------------------------

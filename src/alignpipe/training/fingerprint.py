@@ -16,7 +16,9 @@ from typing import Any
 from alignpipe.params import TrainParams
 
 # Keys that change how a run is observed, not where it goes: checkpoints stay valid when they change.
-NOT_FINGERPRINTED = frozenset({"enabled", "launcher", "logging_steps", "eval_steps", "save_steps"})
+NOT_FINGERPRINTED = frozenset(
+    {"enabled", "launcher", "logging_steps", "eval_steps", "save_steps", "save_minutes"}
+)
 
 
 def fingerprint(params: TrainParams, inputs: Mapping[str, Path], world_size: int) -> dict[str, Any]:
