@@ -225,3 +225,63 @@ def test_not_trained_writes_a_constant_marker(tmp_path, tiny_model_dir):
         sorted(p.name for p in paths.out.iterdir()) == [MARKER] and (paths.out / MARKER).read_bytes() == first
     )
     assert not rm_stage.CALIBRATION.startswith("/")
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+TRAINED_PIPELINE = {
+    "data": {"builtin": {"n_sft": 16, "n_prompts": 12, "n_eval": 6}},
+    "sft": {"batch_size": 4, "save_steps": 2},
+    "reward_model": {"batch_size": 4, "max_steps": 4, "save_steps": 2, "max_length": 128},
+    "generate": {"n": 4, "max_new_tokens": 8, "chunk_prompts": 4},
+    "reward": {"kind": "trained", "max_length": 128},
+    "pairs": {"allow_truncated": True, "eval_fraction": 0.25, "drop_ties": False, "max_similarity": 1.0},
+    "dpo": {"batch_size": 4, "eval_steps": 2, "save_steps": 2, "max_length": 64, "max_prompt_length": 48},
+    "evaluate": {"max_new_tokens": 8, "n_examples": 2},
+}
+
+
+@pytest.mark.slow
+def test_dvc_repro_with_a_trained_reward_model_then_a_reward_model_param_reruns_only_downstream(
+    tmp_path, tiny_model_dir
+):
+    from workspace import dvc, make_workspace, ran_stages, set_params
+
+    from alignpipe.training.fingerprint import sha256_tree
+
+    ws = make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, **TRAINED_PIPELINE})
+    first = dvc(ws, "repro")
+    assert "reward_model" in ran_stages(first.stdout) and "evaluate" in ran_stages(first.stdout)
+    report = json.loads((ws / "reports/reward_model.json").read_text())
+    assert (
+        report["trained"]
+        and report["pairs_source"] == "verifier"
+        and "spearman" in report["verifier_agreement"]
+    )
+    scored = json.loads((ws / "reports/score.json").read_text())
+    assert scored["reward"] == "hf:models/reward"
+    assert scored["reward_hash"] == sha256_tree(ws / "models/reward")
+    pairs = json.loads((ws / "reports/pairs.json").read_text())
+    assert (pairs["reward_name"], pairs["reward_hash"]) == (scored["reward"], scored["reward_hash"])
+    evaluated = json.loads((ws / "reports/eval.json").read_text())
+    assert "builtin" in json.dumps(evaluated)  # built-in prompts: the answers are judged by the verifier
+
+    set_params(ws, {"reward_model": {"learning_rate": 1e-3}})
+    again = dvc(ws, "repro")
+    ran = set(ran_stages(again.stdout))
+    assert (
+        {"reward_model", "score"} <= ran <= {"reward_model", "score", "pairs", "ref_logps", "dpo", "evaluate"}
+    )
+    assert json.loads((ws / "reports/score.json").read_text())["reward_hash"] != scored["reward_hash"]
+
+
+@pytest.mark.slow
+def test_with_another_reward_kind_a_reward_model_param_reruns_only_the_marker(tmp_path, tiny_model_dir):
+    from workspace import dvc, make_workspace, ran_stages, set_params
+
+    overrides = {**TRAINED_PIPELINE, "reward": {"kind": "builtin"}}
+    ws = make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, **overrides})
+    dvc(ws, "repro", "score")
+    assert json.loads((ws / "reports/reward_model.json").read_text())["trained"] is False
+    set_params(ws, {"reward_model": {"learning_rate": 1e-3}})
+    assert ran_stages(dvc(ws, "repro", "score").stdout) == ["reward_model"]
