@@ -51,6 +51,7 @@ from alignpipe.params import (
     PairsParams,
     Params,
     RefLogpsParams,
+    RewardModelParams,
     RewardParams,
     SftParams,
 )
@@ -153,6 +154,7 @@ def pipeline(
     sft: SftParams | None = None,
     generate: GenerateParams | None = None,
     reward: RewardParams | None = None,
+    reward_model: RewardModelParams | None = None,
     pairs: PairsParams | None = None,
     ref_logps: RefLogpsParams | None = None,
     dpo: DpoParams | None = None,
@@ -190,6 +192,7 @@ def pipeline(
         sft: params.yaml section `sft` (empty: keep params.yaml).
         generate: params.yaml section `generate` (empty: keep params.yaml).
         reward: params.yaml section `reward` (empty: keep params.yaml).
+        reward_model: params.yaml section `reward_model` (empty: keep params.yaml).
         pairs: params.yaml section `pairs` (empty: keep params.yaml).
         ref_logps: params.yaml section `ref_logps` (empty: keep params.yaml).
         dpo: params.yaml section `dpo` (empty: keep params.yaml).
@@ -204,8 +207,8 @@ def pipeline(
     """
     logger = get_run_logger()
     root = Path(workspace or REPO).resolve()
-    sections = dict(zip(Params.model_fields, (base_model, data, sft, generate, reward, pairs, ref_logps, dpo,
-                                                evaluate), strict=True))  # fmt: skip
+    sections = dict(zip(Params.model_fields, (base_model, data, sft, generate, reward, reward_model, pairs,
+                                                ref_logps, dpo, evaluate), strict=True))  # fmt: skip
     changes = update_params(root / "params.yaml", sections, form_baseline(_deployment_parameters(), sections))
     for change in changes:
         logger.info("params.yaml: %s: %r -> %r", change.key, change.old, change.new)

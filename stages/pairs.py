@@ -18,12 +18,14 @@ def main() -> None:
     parser.add_argument("--out-dir", required=True, help="folder for train.parquet and eval.parquet")
     parser.add_argument("--report", required=True, help="report JSON (dvc metrics)")
     parser.add_argument("--plots-dir", required=True, help="folder for the rewards/margins histograms")
+    parser.add_argument("--score-report", help="reports/score.json (the reward's name and version hash)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     paths = [
         Path(p) for p in (args.scored, args.prompts, args.prepared, args.out_dir, args.report, args.plots_dir)
     ]
-    run(load_section("pairs", args.params), PairsPaths(*paths))
+    score_report = Path(args.score_report) if args.score_report else None
+    run(load_section("pairs", args.params), PairsPaths(*paths, score_report=score_report))
 
 
 if __name__ == "__main__":

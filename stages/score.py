@@ -16,9 +16,12 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="prompts parquet (prompt messages and meta)")
     parser.add_argument("--out", required=True, help="scored parquet to write")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--reward-model", type=Path, help="the reward_model stage's folder (kind: trained)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
-    paths = ScorePaths(Path(args.generations), Path(args.prompts), Path(args.out), Path(args.metrics))
+    paths = ScorePaths(
+        Path(args.generations), Path(args.prompts), Path(args.out), Path(args.metrics), args.reward_model
+    )
     run(load_section("reward", args.params), paths)
 
 

@@ -73,10 +73,11 @@ def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, 
     first = dvc(ws, "repro")
     monkeypatch.delenv(TRACE_ENV)
     assert sorted(ran_stages(first.stdout)) == sorted(
-        ["base_model", "prepare", "sft", "generate", "score", "pairs", "ref_logps", "dpo", "evaluate"]
-    )
+        ["base_model", "prepare", "sft", "reward_model", "generate", "score", "pairs", "ref_logps", "dpo",
+         "evaluate"]
+    )  # fmt: skip
     lines = trace.read_text().splitlines()
-    assert len(lines) == 9, lines  # one record per stage process
+    assert len(lines) == 10, lines  # one record per stage process
     gaps, extras = uncovered_reads(lines)
     assert not gaps and not extras, "dvc.yaml params vs the keys each stage read:\n" + "\n".join(
         gaps + extras

@@ -37,7 +37,18 @@ TINY = {
             "max_prompt_length": 48},
     "evaluate": {"max_new_tokens": 8, "n_examples": 2},
 }  # fmt: skip
-STAGES = ["base_model", "prepare", "sft", "generate", "score", "pairs", "ref_logps", "dpo", "evaluate"]
+STAGES = [
+    "base_model",
+    "prepare",
+    "sft",
+    "reward_model",
+    "generate",
+    "score",
+    "pairs",
+    "ref_logps",
+    "dpo",
+    "evaluate",
+]
 
 
 def git(repo: Path, *args: str) -> str:

@@ -326,13 +326,17 @@ def pairs(
     report_path: str | os.PathLike,
     plots_dir: str | os.PathLike,
     params: PairsParams,
+    reward: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the stage: read, build pairs, write ``out_dir/{train,eval}.parquet``, report and plots."""
+    """Run the stage: read, build pairs, write ``out_dir/{train,eval}.parquet``, report and plots.
+
+    ``reward``: which reward scored the samples (``reward_name``, ``reward_hash``), kept in the report."""
     scored = read_parquet(scored_path, schema.SCORED)
     prompts = read_parquet(prompts_path, schema.PROMPTS)
     prefs_path = Path(prepared_dir) / "preferences.parquet"
     preferences = read_parquet(prefs_path, schema.PREFERENCES) if prefs_path.exists() else []
     train, evals, report = build_pairs(scored, prompts, preferences, params)
+    report |= reward or {}
     with atomic_path(out_dir) as tmp:
         write_parquet(train, tmp / "train.parquet", schema.PAIRS)
         write_parquet(evals, tmp / "eval.parquet", schema.PAIRS)
@@ -360,10 +364,22 @@ class PairsPaths:
     out_dir: Path
     report: Path
     plots_dir: Path
+    score_report: Path | None = None  # reports/score.json: the reward's name and version hash
 
 
 def run(params: PairsParams, paths: PairsPaths) -> dict[str, Any]:
     """The stage: preference pairs from the scored samples; returns the report."""
+    reward = None
+    if paths.score_report is not None:
+        scored_with = json.loads(paths.score_report.read_text())
+        reward = {"reward_name": scored_with.get("reward"), "reward_hash": scored_with.get("reward_hash")}
     return pairs(
-        paths.scored, paths.prompts, paths.prepared, paths.out_dir, paths.report, paths.plots_dir, params
+        paths.scored,
+        paths.prompts,
+        paths.prepared,
+        paths.out_dir,
+        paths.report,
+        paths.plots_dir,
+        params,
+        reward,
     )

@@ -386,10 +386,11 @@ class GenerateParams(SamplingParams):
 
 
 class RewardParams(Section):
-    kind: Literal["builtin", "hf", "python"] = Field(
+    kind: Literal["builtin", "hf", "python", "trained"] = Field(
         "builtin",
         description="How completions are scored: 'builtin' (the built-in task's verifier), 'hf' (a "
-        "reward model) or 'python' (your function).",
+        "reward model), 'python' (your function) or 'trained' (the reward model the reward_model stage "
+        "trains, models/reward).",
     )
     model: str | None = Field(
         None,
@@ -435,6 +436,61 @@ class RewardParams(Section):
         kind = info.data.get("kind")
         if value is not None and kind not in ("python", None):
             raise ValueError(f"read only by reward.kind 'python' (kind is {kind!r}); set it to null")
+        return value
+
+
+class RewardModelParams(TrainParams):
+    """The ``reward_model`` stage: a Bradley-Terry reward model, trained when ``reward.kind: trained``."""
+
+    start_from: Literal["sft", "base"] = Field(
+        "sft", description="The model the reward model starts from: the SFT model or the base model."
+    )
+    pairs: Literal["auto", "preferences", "verifier"] = Field(
+        "auto",
+        description="Training pairs: 'preferences' (data.preferences), 'verifier' (SFT demonstrations "
+        "against variants of them the built-in verifier scores lower), 'auto' (preferences when given).",
+    )
+    max_pairs_per_prompt: PositiveInt = Field(
+        2, description="verifier pairs: at most this many corrupted variants per demonstration."
+    )
+    margin: bool = Field(
+        False,
+        description="Llama 2's margin: loss -logsigmoid(r_c - r_r - m), m the verifier score difference "
+        "(user preference pairs have none: m = 0).",
+    )
+    center_rewards_coefficient: Annotated[float, Field(ge=0)] | None = Field(
+        None,
+        description="TRL's reward centering: adds this times mean((r_c + r_r)^2) to the loss (null: off).",
+    )
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="Fraction of prompts whose pairs are held out for the checks."
+    )
+    epochs: PositiveInt = Field(1, description="Passes over the train pairs (unless max_steps is set).")
+    learning_rate: Annotated[float, Field(gt=0)] = Field(
+        5e-5, description="Peak learning rate of AdamW (reached after the warmup)."
+    )
+    warmup_ratio: Probability = Field(
+        0.1,
+        description="Fraction of the steps spent raising the learning rate from 0 to its peak "
+        "(ignored by lr_scheduler 'constant').",
+    )
+    batch_size: PositiveInt = Field(
+        8, description="Pairs per step (2 x batch_size sequences); lower it if you run out of memory."
+    )
+    max_length: PositiveInt = Field(
+        256,
+        description="Tokens per conversation (longer ones lose their start; the end, which the head reads, stays).",
+    )
+    peft: PeftParams = Field(
+        PeftParams(),
+        description="LoRA instead of full fine-tuning (merged; the score head is trained fully).",
+    )
+
+    @field_validator("peft")
+    @classmethod
+    def _no_qlora(cls, value: PeftParams) -> PeftParams:
+        if value.load_in_4bit:
+            raise ValueError("QLoRA (load_in_4bit) is sft only: keep it false here")
         return value
 
 
@@ -712,6 +768,9 @@ class Params(Section):
     sft: SftParams = Field(SftParams(), description="Supervised fine-tuning (stage sft).")
     generate: GenerateParams = Field(GenerateParams(), description="Best-of-N sampling (stage generate).")
     reward: RewardParams = Field(RewardParams(), description="Scoring the samples (stages score, evaluate).")
+    reward_model: RewardModelParams = Field(
+        RewardModelParams(), description="Training a reward model (stage reward_model, reward.kind: trained)."
+    )
     pairs: PairsParams = Field(PairsParams(), description="Preference pairs from the scores (stage pairs).")
     ref_logps: RefLogpsParams = Field(RefLogpsParams(), description="Reference log-probs (stage ref_logps).")
     dpo: DpoParams = Field(DpoParams(), description="Preference training (stage dpo).")
@@ -799,6 +858,10 @@ def load_section(section: Literal["generate"], path: str | os.PathLike = ...) ->
 
 @typing.overload
 def load_section(section: Literal["reward"], path: str | os.PathLike = ...) -> RewardParams: ...
+
+
+@typing.overload
+def load_section(section: Literal["reward_model"], path: str | os.PathLike = ...) -> RewardModelParams: ...
 
 
 @typing.overload

@@ -10,6 +10,7 @@ with an error naming the rows (prompt_id, sample_idx).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -25,6 +26,7 @@ from alignpipe.core.progress import Timer
 from alignpipe.params import RewardParams
 from alignpipe.rewards.base import Reward, RewardResult, reward_truncation, score_completions
 from alignpipe.rewards.load import get_reward
+from alignpipe.training.fingerprint import sha256_tree
 
 
 def score_rows(
@@ -81,8 +83,11 @@ def score(
     out: str | os.PathLike,
     metrics_path: str | os.PathLike,
     params: RewardParams,
+    reward_model: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the stage: read, score, write ``out`` and ``metrics_path``; return the metrics."""
+    """Run the stage: read, score, write ``out`` and ``metrics_path``; return the metrics.
+
+    ``reward_model``: the reward_model stage's folder, scored with by ``reward.kind: trained``."""
     prompt_rows = read_parquet(prompts_path, schema.PROMPTS)
     prompts = {r["prompt_id"]: r for r in prompt_rows}
     position = {pid: i for i, pid in enumerate(prompts)}
@@ -91,7 +96,7 @@ def score(
         raise ArtifactError(f"{generations_dir}: no generations to score")
     generations.sort(key=lambda r: (position.get(r["prompt_id"], -1), r["prompt_id"], r["sample_idx"]))
     timer = Timer("score")
-    reward = get_reward(params)
+    reward = get_reward(params, reward_model)
     try:
         rows = score_rows(reward, generations, prompts)
     finally:
@@ -99,6 +104,7 @@ def score(
     write_parquet(rows, out, schema.SCORED)
     results = [RewardResult(r["reward"], json.loads(r["reward_details"])) for r in rows]
     metrics = score_metrics(reward.name, rows, results)
+    metrics["reward_hash"] = reward_hash(params, reward_model)
     metrics["seconds"] = round(timer.seconds, 2)
     write_json(metrics, metrics_path)
     timer.summary(
@@ -112,6 +118,25 @@ def score(
     return metrics
 
 
+def reward_hash(params: RewardParams, reward_model: Path | None = None) -> str:
+    """The version of the reward: SHA-256 of the model folder (trained, a local hf folder), of the
+    verifier's code (builtin) or of the function's module file (python); a hub id is its name."""
+    if params.kind == "trained" and reward_model is not None:
+        return sha256_tree(reward_model)
+    if params.kind == "hf":
+        return sha256_tree(Path(str(params.model))) if Path(str(params.model)).exists() else str(params.model)
+    if params.kind == "builtin":
+        import alignpipe.data.builtin as verifier
+
+        files = [Path(verifier.__file__), Path(verifier.__file__).with_name("builtin_families.py")]
+        return hashlib.sha256("".join(sha256_tree(f) for f in files).encode()).hexdigest()
+    import importlib.util
+
+    spec = importlib.util.find_spec(str(params.function).split(":")[0])
+    origin = spec.origin if spec is not None else None
+    return sha256_tree(Path(origin)) if origin and Path(origin).is_file() else str(params.function)
+
+
 @dataclass(frozen=True)
 class ScorePaths:
     """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
@@ -120,8 +145,9 @@ class ScorePaths:
     prompts: Path
     out: Path
     metrics: Path
+    reward_model: Path | None = None  # models/reward (reward.kind: trained)
 
 
 def run(params: RewardParams, paths: ScorePaths) -> dict[str, Any]:
     """The stage: a reward for every generation; returns the metrics."""
-    return score(paths.generations, paths.prompts, paths.out, paths.metrics, params)
+    return score(paths.generations, paths.prompts, paths.out, paths.metrics, params, paths.reward_model)

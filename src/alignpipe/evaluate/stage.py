@@ -188,8 +188,20 @@ def generate_answers(
     return answers
 
 
+def judge(reward_params: RewardParams, prompts: Sequence[EvalPrompt]) -> RewardParams:
+    """The reward the answers are judged by: the ``reward`` section's, except that ``reward.kind:
+    trained`` on built-in prompts is judged by the verifier it learned (pass rates stay comparable
+    with a verifier-scored run; the trained model only picked the best-of-N pairs)."""
+    if reward_params.kind == "trained" and prompts and all(p.meta for p in prompts):
+        return RewardParams(kind="builtin")
+    return reward_params
+
+
 def score_answers(
-    reward_params: RewardParams, prompts: Sequence[EvalPrompt], answers: dict[str, list[Answer]]
+    reward_params: RewardParams,
+    prompts: Sequence[EvalPrompt],
+    answers: dict[str, list[Answer]],
+    reward_model: Path | None = None,
 ) -> tuple[dict[str, list[Answer]], str]:
     """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward."""
     from dataclasses import replace
@@ -200,7 +212,7 @@ def score_answers(
     by_id = {p.prompt_id: p for p in prompts}
     flat = [(model, a) for model, rows in answers.items() for a in rows]
     timer = Timer("evaluate: reward")
-    reward = get_reward(reward_params)
+    reward = get_reward(reward_params, reward_model)
     try:
         results = score_completions(
             reward,
@@ -274,6 +286,7 @@ def run_evaluate(
     reward_params: RewardParams,
     dpo: DpoParams,
     curves: Mapping[str, str | os.PathLike] | None = None,
+    reward_model: Path | None = None,
 ) -> dict[str, Any]:
     """Run the stage; ``models`` maps "sft", "dpo" (and "base", used when ``include_base``) to folders.
 
@@ -287,7 +300,8 @@ def run_evaluate(
     prompts = load_eval_prompts(prompts_path, params.max_prompts)
     labels = [m for m in MODELS if m != "base" or params.include_base]
     answers = {m: generate_answers(models[m], prompts, params, m) for m in labels}
-    answers, reward_name = score_answers(reward_params, prompts, answers)
+    reward_params = judge(reward_params, prompts)
+    answers, reward_name = score_answers(reward_params, prompts, answers, reward_model)
     truncation: dict[str, Truncation] = {}
     kl, pairs = policy_logps(models["dpo"], models["sft"], prompts, answers["dpo"], pairs_path, ref_logps_path,
                              params, dpo, truncation)  # fmt: skip
@@ -329,6 +343,7 @@ class EvaluatePaths:
     out_dir: Path
     sft_curves: Path | None = None
     dpo_curves: Path | None = None
+    reward_model: Path | None = None  # models/reward (reward.kind: trained on prompts of your own)
 
 
 @dataclass(frozen=True)
@@ -345,4 +360,5 @@ def run(params: EvaluateSettings, paths: EvaluatePaths) -> dict[str, Any]:
     curves = {k: v for k, v in (("sft", paths.sft_curves), ("dpo", paths.dpo_curves)) if v is not None}
     models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base}
     return run_evaluate(models, paths.prompts, paths.pairs, paths.ref_logps, paths.out_dir,
-                        params.evaluate, params.reward, params.dpo, curves=curves)  # fmt: skip
+                        params.evaluate, params.reward, params.dpo, curves=curves,
+                        reward_model=paths.reward_model)  # fmt: skip

@@ -114,14 +114,7 @@ class HFReward:
         """Scores of right-padded rows, read at each row's last real token."""
         # The head pools at the rightmost token that is not the config's pad id. A row may end
         # with the pad id itself (pad == EOS); then pad this batch with an id no row ends with.
-        pad = pooling_pad_id(rows, self.pad_id)
-        self.model.config.get_text_config().pad_token_id = pad
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[j, : len(row)] = 1
+        input_ids, attention_mask = pad_for_pooling(self.model, rows, self.pad_id)
         logits = self.model(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
         ).logits
@@ -131,6 +124,22 @@ class HFReward:
         del self.model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def pad_for_pooling(
+    model: Any, rows: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` of ``rows``, with the model's pad id set to the
+    batch's pooling pad (the head reads each row's last token that is not the pad id)."""
+    pad = pooling_pad_id(rows, pad_id)
+    model.config.get_text_config().pad_token_id = pad
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        input_ids[j, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        attention_mask[j, : len(row)] = 1
+    return input_ids, attention_mask
 
 
 def pooling_pad_id(rows: Sequence[Sequence[int]], pad_id: int) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from alignpipe.params import RewardParams
 from alignpipe.rewards.base import Reward, RewardError
 
 
-def get_reward(params: RewardParams) -> Reward:
-    """Build the reward that ``params`` (the ``reward`` section) describes."""
+def get_reward(params: RewardParams, trained: Path | None = None) -> Reward:
+    """Build the reward that ``params`` (the ``reward`` section) describes; ``trained``: the folder of
+    the reward_model stage (``models/reward``), read by ``reward.kind: trained``."""
     if params.kind == "builtin":
         from alignpipe.rewards.builtin import BuiltinReward
 
@@ -16,14 +19,16 @@ def get_reward(params: RewardParams) -> Reward:
         from alignpipe.rewards.python import PythonReward
 
         return PythonReward(str(params.function))
-    if params.kind == "hf":
+    if params.kind in ("hf", "trained"):
         from alignpipe.rewards.hf import HFReward
 
+        if params.kind == "trained" and trained is None:
+            raise RewardError("reward.kind 'trained' needs the reward_model stage's folder (--reward-model)")
         return HFReward(
-            str(params.model),
+            str(params.model if params.kind == "hf" else trained),
             max_length=params.max_length,
             batch_size=params.batch_size,
             dtype=params.dtype,
             trust_remote_code=params.trust_remote_code,
         )
-    raise RewardError(f"unknown reward.kind {params.kind!r}; expected builtin, hf or python")
+    raise RewardError(f"unknown reward.kind {params.kind!r}; expected builtin, hf, python or trained")

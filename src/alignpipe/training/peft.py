@@ -11,8 +11,8 @@ from torch import nn
 from alignpipe.params import PeftParams
 
 
-def lora_config(peft: PeftParams) -> Any:
-    """peft's ``LoraConfig`` for a causal LM from the ``peft`` params."""
+def lora_config(peft: PeftParams, task_type: str = "CAUSAL_LM") -> Any:
+    """peft's ``LoraConfig`` from the ``peft`` params (``SEQ_CLS``: the score head is trained in full)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -20,7 +20,7 @@ def lora_config(peft: PeftParams) -> Any:
         lora_alpha=peft.alpha,
         lora_dropout=peft.dropout,
         target_modules=peft.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
