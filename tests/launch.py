@@ -24,6 +24,7 @@ import yaml
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import write_parquet
+from alignpipe.testing import pair_row
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
@@ -139,20 +140,6 @@ def metrics(folder: Path) -> dict[str, Any]:
 
 
 # --- data ---------------------------------------------------------------------------------------
-
-
-def pair_row(i: int, prefix: str) -> dict:
-    return {
-        "pair_id": f"{prefix}{i}",
-        "prompt_id": f"q{i}",
-        "prompt": [{"role": "user", "content": "hello world " * (1 + i % 3)}],
-        "chosen": [{"role": "assistant", "content": "the quick brown fox " * (1 + i % 2)}],
-        "rejected": [{"role": "assistant", "content": "lazy dog" + " x" * i}],
-        "chosen_reward": 1.0,
-        "rejected_reward": 0.0,
-        "margin": 1.0,
-        "source": "generated",
-    }
 
 
 def sft_row(i: int) -> dict:

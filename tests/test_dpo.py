@@ -22,25 +22,11 @@ from alignpipe.dpo.stage import pair_losses, run_dpo
 from alignpipe.dpo.tr_dpo import merged_weights, sync_reference
 from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
-from alignpipe.testing import tiny_model
+from alignpipe.testing import pair_row, tiny_model
 from alignpipe.training.loop import NonFiniteError
 
 N_TRAIN = 8
 LENGTHS = {"max_length": 64, "max_prompt_length": 32}
-
-
-def pair_row(i: int, prefix: str) -> dict:
-    return {
-        "pair_id": f"{prefix}{i}",
-        "prompt_id": f"q{i}",
-        "prompt": [{"role": "user", "content": "hello world " * (1 + i % 3)}],
-        "chosen": [{"role": "assistant", "content": "the quick brown fox " * (1 + i % 2)}],
-        "rejected": [{"role": "assistant", "content": "lazy dog" + " x" * i}],
-        "chosen_reward": 1.0,
-        "rejected_reward": 0.0,
-        "margin": 1.0,
-        "source": "generated",
-    }
 
 
 @dataclass(frozen=True)

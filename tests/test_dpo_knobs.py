@@ -24,25 +24,12 @@ from alignpipe.dpo.stage import run_dpo
 from alignpipe.params import DpoParams, EarlyStopping, RefLogpsParams, SftParams
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.sft.stage import SftPaths, run_sft
+from alignpipe.testing import pair_row as _pair_row
 from alignpipe.testing import tiny_tokenizer
 from alignpipe.training import timed_save
 from alignpipe.training.checkpoints import complete_checkpoints
 
 STEP_SECONDS = 25.0  # the fake clock: 6 dpo steps (5 sft) take as long as the embedded default's ~2 min
-
-
-def pair_row(i: int, prefix: str) -> dict:
-    return {
-        "pair_id": f"{prefix}{i}",
-        "prompt_id": f"q{prefix}{i}",
-        "prompt": [{"role": "user", "content": "hello world " * (1 + i % 3)}],
-        "chosen": [{"role": "assistant", "content": "the quick brown fox " * (1 + i % 2)}],
-        "rejected": [{"role": "assistant", "content": "lazy dog" + " x" * i}],
-        "chosen_reward": 1.0,
-        "rejected_reward": 0.0,
-        "margin": 1.0,
-        "source": "generated",
-    }
 
 
 def make_pairs(root: Path, model: Path, n_train: int = 16, n_eval: int = 4) -> tuple[Path, Path]:
@@ -353,3 +340,7 @@ def test_the_dpo_report_has_the_diagnostics_and_the_unlearned_pair_ids(
                                 "both rising"}  # fmt: skip
     assert set(saved["never_learned"]) <= {f"t{i}" for i in range(16)}
     assert f"dpo: diagnostics: {saved['verdict']}" in capsys.readouterr().out
+
+
+def pair_row(i: int, prefix: str) -> dict:
+    return _pair_row(i, prefix, prompt_id=f"q{prefix}{i}")  # prompt ids distinct across splits

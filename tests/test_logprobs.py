@@ -15,20 +15,7 @@ from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.logprobs import CompletionScorer, collate_pairs, pair_logps, pair_scores
 from alignpipe.params import RefLogpsParams
 from alignpipe.ref_logps import run_ref_logps
-
-
-def pair_row(i: int, prefix: str = "p") -> dict:
-    return {
-        "pair_id": f"{prefix}{i}",
-        "prompt_id": f"q{i}",
-        "prompt": [{"role": "user", "content": "hello world " * (1 + i % 3)}],
-        "chosen": [{"role": "assistant", "content": "the quick brown fox " * (1 + i % 2)}],
-        "rejected": [{"role": "assistant", "content": "lazy dog" + " x" * i}],
-        "chosen_reward": 1.0,
-        "rejected_reward": 0.0,
-        "margin": 1.0,
-        "source": "generated",
-    }
+from alignpipe.testing import pair_row
 
 
 @pytest.fixture()

@@ -105,3 +105,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def pair_row(i: int, prefix: str = "p", prompt_id: str | None = None) -> dict:
+    """Row ``i`` of a tiny preference table (schema PAIRS): prompts, chosen and rejected of 3 lengths."""
+    return {
+        "pair_id": f"{prefix}{i}",
+        "prompt_id": prompt_id if prompt_id is not None else f"q{i}",
+        "prompt": [{"role": "user", "content": "hello world " * (1 + i % 3)}],
+        "chosen": [{"role": "assistant", "content": "the quick brown fox " * (1 + i % 2)}],
+        "rejected": [{"role": "assistant", "content": "lazy dog" + " x" * i}],
+        "chosen_reward": 1.0,
+        "rejected_reward": 0.0,
+        "margin": 1.0,
+        "source": "generated",
+    }
