@@ -276,6 +276,6 @@ def test_the_generation_benchmark_runs_every_engine_on_the_same_prompts(vllm_pyt
     assert vllm["device"] == "cpu" and vllm["engine_start_s"] > 0
     assert vllm["batch_invariance"]["samples"] == 4
     assert record["ratios"]["vllm/hf"] == pytest.approx(
-        vllm["tokens_per_s"] / record["engines"]["hf"]["tokens_per_s"], rel=0.01
-    )
+        vllm["tokens_per_s"] / record["engines"]["hf"]["tokens_per_s"], abs=0.005
+    )  # the ratios are rounded to 2 decimals
     assert record["cpu"] and record["settings"]["prompts"] == 2
