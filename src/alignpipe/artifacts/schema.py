@@ -67,3 +67,36 @@ REF_LOGPS = pa.schema(
         ("rejected_tokens", pa.int32()),
     ]
 )
+
+# data/prepared/unpaired.parquet: user-supplied unpaired feedback (KTO): one assistant completion and
+# its thumbs-up (label true: desirable) or thumbs-down (false: undesirable).
+UNPAIRED_PREPARED = pa.schema(
+    [("example_id", pa.string()), ("prompt", MESSAGES), ("completion", MESSAGES), ("label", pa.bool_())]
+)
+
+# data/unpaired/{train,eval}.parquet: labelled single completions for KTO, from the scored samples
+# (labels from their rewards, pairs.unpaired) and from data/prepared/unpaired.parquet.
+UNPAIRED = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),
+        ("label", pa.bool_()),  # true: desirable
+        ("reward", pa.float64()),  # null for user rows
+        ("source", pa.string()),  # "generated" | "user"
+    ]
+)
+
+# data/ref_logps_unpaired.parquet: reference summed log-probs of each unpaired completion, and of the
+# mismatched completion (another prompt's, fixed per example: kl_example_id) that KTO's KL point uses.
+REF_LOGPS_UNPAIRED = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("ref_logps", pa.float64()),
+        ("tokens", pa.int32()),
+        ("kl_example_id", pa.string()),
+        ("ref_kl_logps", pa.float64()),
+        ("kl_tokens", pa.int32()),
+    ]
+)
