@@ -731,6 +731,29 @@ class DpoParams(TrainParams):
         return self
 
 
+class GateParams(Section):
+    """Thresholds the final policy (``dpo``) must meet, or the evaluate stage fails after writing its reports."""
+
+    min_win_rate_lower: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None,
+        description="Fail unless the lower end of the win rate's 95% interval (DPO vs SFT) is at least "
+        "this, e.g. 0.5 (null: off).",
+    )
+    max_kl: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="Fail if KL(DPO || SFT) in nats per answer is above this (null: off)."
+    )
+    max_family_regression: Annotated[float, Field(ge=0)] | None = Field(
+        None,
+        description="Fail if any family's pass rate is more than this many points (0-100) below SFT's; "
+        "needs reward.kind: builtin (null: off).",
+    )
+    min_pass_rate_gain: float | None = Field(
+        None,
+        description="Fail unless DPO's pass rate is at least this many points (0-100) above SFT's; "
+        "needs reward.kind: builtin (null: off).",
+    )
+
+
 class EvaluateParams(SamplingParams):
     max_new_tokens: PositiveInt = Field(
         48, description="Tokens per answer at most (longer answers are cut and flagged)."
@@ -754,6 +777,19 @@ class EvaluateParams(SamplingParams):
     )
     include_base: bool = Field(False, description="Also evaluate the base model (a third column).")
     n_examples: NonNegInt = Field(5, description="Prompts shown side by side in reports/eval.md.")
+    bootstrap_resamples: Annotated[int, Field(ge=100)] = Field(
+        2000,
+        description="Paired bootstrap resamples of the eval prompts (seeded by evaluate.seed) behind the 95% "
+        "intervals of the win rates and the pass-rate difference.",
+    )
+    forgetting_rows: NonNegInt = Field(
+        64,
+        description="SFT demonstrations (the first rows of data/prepared/sft.parquet) whose NLL per token "
+        "every model is scored on, against the SFT model's (0: off).",
+    )
+    gate: GateParams = Field(
+        GateParams(), description="Thresholds that fail the stage (all null: report only)."
+    )
 
     _samples = field_validator("n")(_check_samples)
 

@@ -41,7 +41,7 @@ def _grouped_bars(ax: Any, categories: Sequence[str], values: Mapping[str, Seque
     width = 0.8 / max(len(values), 1)
     for k, (model, vals) in enumerate(values.items()):
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(categories))]
-        ax.bar(xs, vals, width, label=TITLES[model], color=COLORS[model])
+        ax.bar(xs, vals, width, label=TITLES.get(model, model), color=COLORS.get(model))
     ax.set_xticks(range(len(categories)), categories)
     ax.legend(title="model", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
@@ -105,7 +105,7 @@ def plot_training_curves(dirs: Mapping[str, Path]) -> Any:
                     steps,
                     values,
                     style,
-                    color=COLORS[stage],
+                    color=COLORS.get(stage),
                     marker="o" if len(steps) < 4 else None,
                     label=label,
                 )

@@ -7,6 +7,7 @@ Layout under the stage's ``--out-dir`` (``reports/``)::
     eval.md                metrics table, plots, examples side by side
     eval/rewards.csv       reward histogram: model, bin, count (``dvc plots show``)
     eval/pass_rate.csv     family, model, pass_rate, samples (built-in reward only; else header only)
+    eval/models.csv        metric, model, value, low, high: win rates, pass rate, signals (stats_report)
     eval/reward_hist.png, eval/pass_rate.png, eval/training_curves.png   (matplotlib, for eval.md)
 
 The CSVs are long tables, one row per (model, category); ``configs/plots/grouped_bars.json`` is
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.artifacts.io import atomic_path, write_json
+from alignpipe.evaluate.gate import gate_report
 from alignpipe.evaluate.plots import (
     MAX_EXACT_BINS,
     plot_pass_rate,
@@ -32,7 +34,8 @@ from alignpipe.evaluate.plots import (
     plot_training_curves,
     save_png,
 )
-from alignpipe.evaluate.results import TITLES, Answer, EvalResult
+from alignpipe.evaluate.results import Answer, EvalResult, title
+from alignpipe.evaluate.stats_report import add_statistics, markdown_lines, plot_rows
 
 HIST_BINS = 20
 
@@ -104,6 +107,8 @@ def eval_metrics(result: EvalResult) -> dict[str, Any]:
         metrics["truncation"] = (
             result.truncation
         )  # eval answers and pairs cut by dpo.max_length / max_prompt_length
+    add_statistics(metrics, result)  # intervals, length control, overfitting signals
+    metrics["gate"] = gate_report(metrics, result.params.gate)
     metrics["seconds"] = result.seconds.get("total")
     return metrics
 
@@ -118,6 +123,8 @@ def write_reports(
     _write_csv(plots / "rewards.csv", ["model", "bin", "count"], hist)
     rates = pass_rate_rows(metrics, list(result.answers))
     _write_csv(plots / "pass_rate.csv", ["family", "model", "pass_rate", "samples"], rates)
+    by_model = plot_rows(metrics, list(result.answers))
+    _write_csv(plots / "models.csv", ["metric", "model", "value", "low", "high"], by_model)
     if pngs:
         save_png(plot_reward_hist(hist, list(result.answers), result.reward_name), plots / "reward_hist.png")
         save_png(plot_pass_rate(rates, list(result.answers)), plots / "pass_rate.png")
@@ -199,7 +206,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def _metrics_table(metrics: Mapping[str, Any], models: Sequence[str]) -> list[str]:
     lines = [
-        "| metric | " + " | ".join(TITLES[m] for m in models) + " |",
+        "| metric | " + " | ".join(title(m) for m in models) + " |",
         "|---|" + "---:|" * len(models),
     ]
 
@@ -242,7 +249,7 @@ def _examples(result: EvalResult, models: Sequence[str]) -> list[str]:
         lines.append(
             "| "
             + " | ".join(
-                f"{TITLES[m]} (reward {_num(a.reward)})" for m, a in zip(models, answers, strict=True)
+                f"{title(m)} (reward {_num(a.reward)})" for m, a in zip(models, answers, strict=True)
             )
             + " |"
         )
@@ -291,6 +298,7 @@ def render_markdown(result: EvalResult, metrics: Mapping[str, Any]) -> str:
         f"log p_ref(r))] with beta = {result.beta} and the cached reference (SFT) log-probs; accurate when > 0 "
         "(a margin under 1e-5 is fp32 noise: a tie, counted as a miss).",
         "",
+        *markdown_lines(metrics, models),
         "## Plots",
         "",
         "![Reward distribution](eval/reward_hist.png)",

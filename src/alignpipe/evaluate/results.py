@@ -13,6 +13,11 @@ MODELS = ("base", "sft", "dpo")  # column order of the reports
 TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 
 
+def title(model: str) -> str:
+    """A model's column title (a label outside MODELS, e.g. another round's policy, as it is)."""
+    return TITLES.get(model, model)
+
+
 @dataclass(frozen=True)
 class EvalPrompt:
     prompt_id: str
@@ -69,6 +74,15 @@ class PairsResult:
     n: int
 
 
+@dataclass(frozen=True)
+class DemoNll:
+    """NLL of SFT demonstrations under one model: ``nll`` nats per token over ``tokens`` tokens."""
+
+    nll: float
+    tokens: int
+    rows: int
+
+
 @dataclass
 class EvalResult:
     """Everything the reports are made of."""
@@ -86,3 +100,4 @@ class EvalResult:
     seconds: dict[str, float] = field(default_factory=dict)
     truncation: dict[str, dict[str, int]] = field(default_factory=dict)  # "answers"/"pairs": Truncation
     family_order: Sequence[str] = ()  # the task's families, the order pass rates are listed in
+    demo_nll: dict[str, DemoNll] = field(default_factory=dict)  # model -> NLL of SFT demonstrations

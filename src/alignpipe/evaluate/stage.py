@@ -18,6 +18,10 @@ On the eval pairs (``data/pairs/eval.parquet``): the DPO implicit-reward accurac
 pairs with ``beta [(log p_dpo(c) - ref(c)) - (log p_dpo(r) - ref(r))] > 0``, and the mean of that
 margin, against the cached reference log-probs (``data/ref_logps.parquet``).
 
+Intervals, length control and the overfitting signals: :mod:`alignpipe.evaluate.stats`,
+:mod:`alignpipe.evaluate.signals` (NLL of SFT demonstrations, ``data/prepared/sft.parquet``); the
+thresholds that fail the stage after its reports are written: :mod:`alignpipe.evaluate.gate`.
+
 :mod:`alignpipe.evaluate.report` writes ``eval.json``, ``eval.md`` and the plots.
 """
 
@@ -287,13 +291,19 @@ def run_evaluate(
     dpo: DpoParams,
     curves: Mapping[str, str | os.PathLike] | None = None,
     reward_model: Path | None = None,
+    sft_data: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run the stage; ``models`` maps "sft", "dpo" (and "base", used when ``include_base``) to folders.
+
+    ``sft_data``: the prepared SFT demonstrations, for the forgetting signal (None: not measured).
+    Raises :class:`~alignpipe.evaluate.gate.GateFailed` after writing every report when a gate check fails.
 
     Writes ``out_dir/eval.json``, ``out_dir/eval.md`` and ``out_dir/eval/`` (plot data and PNGs);
     ``curves`` maps "sft"/"dpo" to the training stages' DVCLive plot folders. Returns eval.json.
     """
+    from alignpipe.evaluate.gate import enforce
     from alignpipe.evaluate.report import eval_metrics, write_reports
+    from alignpipe.evaluate.signals import forgetting
     from alignpipe.generation.base import resolve_backend
 
     total = Timer("evaluate")
@@ -307,6 +317,7 @@ def run_evaluate(
                              params, dpo, truncation)  # fmt: skip
     for what, counts in truncation.items():
         counts.warn("evaluate", f"eval {what}", DPO_LENGTH_KEYS)
+    demo_nll = forgetting({m: models[m] for m in labels}, sft_data, params, dpo)
     result = EvalResult(
         params=params,
         reward_name=reward_name,
@@ -321,12 +332,14 @@ def run_evaluate(
         beta=dpo.beta,
         seconds={"total": round(total.seconds, 1)},
         truncation={what: counts.as_dict() for what, counts in truncation.items()},
+        demo_nll=demo_nll,
     )
     metrics = eval_metrics(result)
     write_reports(result, metrics, Path(out_dir), curves or {})
     total.summary(
         sum(len(a) for a in answers.values()), "answers", win_rate=metrics["win_rate"], kl=metrics["kl"]
     )
+    enforce(metrics)
     return metrics
 
 
@@ -344,6 +357,7 @@ class EvaluatePaths:
     sft_curves: Path | None = None
     dpo_curves: Path | None = None
     reward_model: Path | None = None  # models/reward (reward.kind: trained on prompts of your own)
+    sft_data: Path | None = None  # data/prepared/sft.parquet: demonstrations for the forgetting signal
 
 
 @dataclass(frozen=True)
@@ -361,4 +375,4 @@ def run(params: EvaluateSettings, paths: EvaluatePaths) -> dict[str, Any]:
     models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base}
     return run_evaluate(models, paths.prompts, paths.pairs, paths.ref_logps, paths.out_dir,
                         params.evaluate, params.reward, params.dpo, curves=curves,
-                        reward_model=paths.reward_model)  # fmt: skip
+                        reward_model=paths.reward_model, sft_data=paths.sft_data)  # fmt: skip
