@@ -359,10 +359,17 @@ def test_dvc_plots_render_from_dvc_yaml(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=tmp_path,
                           capture_output=True, text=True, check=True)  # fmt: skip
     shown = json.loads(proc.stdout)
-    mine = ("reports/eval/rewards.csv", "reports/eval/pass_rate.csv", "training_loss")
+    mine = (
+        "reports/eval/rewards.csv",
+        "reports/eval/pass_rate.csv",
+        "reports/eval/models.csv",
+        "training_loss",
+    )
     assert not [e for e in shown.get("errors", []) if e["name"] in mine]
     bars = shown["data"]["reports/eval/pass_rate.csv"][0]["content"]
     assert bars["encoding"]["xOffset"]["field"] == "series" and len(bars["data"]["values"]) == 4
+    by_model = shown["data"]["reports/eval/models.csv"][0]["content"]["data"]["values"]
+    assert {(v["metric"], v["model"]) for v in by_model} >= {("win_rate", "dpo"), ("lc_win_rate", "sft")}
     curves = shown["data"]["training_loss"][0]["content"]
     assert {v["filename"] for v in curves["data"]["values"]} == {
         "sft/plots/metrics/train/loss.tsv", "dpo/plots/metrics/loss.tsv", "dpo/plots/metrics/eval/loss.tsv",
