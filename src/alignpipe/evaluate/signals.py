@@ -119,6 +119,11 @@ def forgetting(
     memory at a time ({} when there is no ``sft_data`` or the signal is off)."""
     if sft_data is None or params.forgetting_rows == 0:
         return {}
+    from alignpipe.core.progress import Timer
+
+    timer = Timer("evaluate: forgetting NLL")
     rows = load_demonstrations(sft_data, params.forgetting_rows)
     args = (params.dtype, params.batch_size, dpo.max_length, dpo.max_prompt_length)
-    return {m: demo_nll(folder, rows, *args) for m, folder in models.items()}
+    out = {m: demo_nll(folder, rows, *args) for m, folder in models.items()}
+    timer.summary(len(rows) * len(out), "sequences", **{m: round(r.nll, 4) for m, r in out.items()})
+    return out
