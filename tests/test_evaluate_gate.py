@@ -69,7 +69,8 @@ def stage(tmp_path: Path, sft_dir: Path, dpo_dir: Path, data: Path, sft_data: Pa
 def test_a_failing_gate_writes_every_report_then_exits_1_with_one_line(
     tmp_path, two_models, eval_data, sft_data
 ):
-    """A win-rate lower bound of 1.0 cannot be met by two random tiny models (their 4 answers rarely all win)."""
+    """A win-rate lower bound of 1.0 is not met: the random tiny models fail every built-in check, so their
+    answers tie (win rate 0.5, interval [0.5, 0.5])."""
     proc, saved = stage(
         tmp_path, *two_models, eval_data, sft_data, {"min_win_rate_lower": 1.0, "max_kl": 1e6}
     )
