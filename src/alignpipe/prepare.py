@@ -2,7 +2,9 @@
 
 Writes ``sft.parquet``, ``prompts.parquet``, ``eval_prompts.parquet`` (and
 ``preferences.parquet`` when the user brings pairs) into one folder, atomically,
-plus a metrics file with row counts and what was dropped.
+plus a metrics file with row counts and what was dropped. ``rated.parquet`` is always there:
+the completions of a rated set (``data.rated``; its prompts are then ``prompts.parquet``) with
+their rewards, or no rows, which tells ``generate`` to sample and ``score`` to score as usual.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import atomic_path, write_json, write_parquet
 from alignpipe.core.progress import Timer
 from alignpipe.data import builtin
-from alignpipe.data.convert import FormatOptions, convert_source
+from alignpipe.data.convert import FormatOptions, convert_source, row_id, scored_completions
 from alignpipe.data.errors import DataError
+from alignpipe.data.formats.base import OnInvalid
+from alignpipe.data.formats.rated import rating_rule
 from alignpipe.data.readers import is_builtin
 from alignpipe.params import DataParams, SourceParams
 
 BUILTIN = "builtin:verifiable-instructions"
 Kind = Literal["sft", "prompts", "preferences"]
+Row = dict[str, Any]
 # output file -> (params field, converter kind, built-in split, schema)
 OUTPUTS: dict[str, tuple[str, Kind, str | None, Any]] = {
     "sft": ("sft", "sft", "sft", schema.SFT),
@@ -66,19 +71,52 @@ def load_rows(
         }
         rows, dropped, fmt = builtin_rows(split, sizes[split], params.seed), Counter(), "builtin"
     else:
-        lang = [source.lang] if isinstance(source.lang, str) else source.lang
-        options = FormatOptions(
-            format=source.format,
-            lang=None if lang is None else tuple(lang),
-            pairs=source.pairs,
-            rating=source.rating,
-        )
         rows, dropped, fmt = convert_source(
-            source.source, kind, params.on_invalid, options=options, part=field
+            source.source, kind, params.on_invalid, options=format_options(source), part=field
         )
     if source.max_rows is not None:
         rows = rows[: source.max_rows]
     return rows, dropped, fmt
+
+
+def format_options(source: SourceParams) -> FormatOptions:
+    """How to read ``source`` (its format, lang, pairs and rating settings)."""
+    lang = [source.lang] if isinstance(source.lang, str) else source.lang
+    return FormatOptions(
+        format=source.format,
+        lang=None if lang is None else tuple(lang),
+        pairs=source.pairs,
+        rating=source.rating,
+    )
+
+
+def rated_rows(source: SourceParams, on_invalid: OnInvalid) -> tuple[list[Row], list[Row], dict[str, Any]]:
+    """(PROMPTS rows, RATED rows, metrics) of a rated set (``data.rated``).
+
+    Each distinct prompt is one prompts row (the id :func:`convert_source` gives it); its completions
+    are numbered 0, 1, ... in file order, each with its reward by ``data.rated.rating``."""
+    assert source.source is not None
+    items, dropped, fmt = scored_completions(source.source, format_options(source), on_invalid)
+    items = items[: source.max_rows]
+    rule = rating_rule(fmt, source.rating)
+    prompts: dict[str, Row] = {}
+    rated: list[Row] = []
+    seen: Counter[str] = Counter()
+    for item in items:
+        pid = row_id("prompts", {"prompt": item.prompt})
+        prompts.setdefault(pid, {"prompt_id": pid, "prompt": item.prompt, "meta": None})
+        details = {"format": fmt, "rule": rule, **item.details}
+        seen[pid] += 1
+        rated.append({"prompt_id": pid, "sample_idx": seen[pid] - 1,
+                      "completion": item.completion, "reward": item.reward,
+                      "reward_details": json.dumps(details, sort_keys=True, ensure_ascii=False)})  # fmt: skip
+    if not rated:
+        raise DataError(
+            f"no rated completions (dropped: {dict(dropped)})", file=source.source, reason="empty"
+        )
+    metrics = {"source": source.source, "format": fmt, "rule": rule, "rows": len(rated),
+               "prompts": len(prompts), "dropped": dict(dropped)}  # fmt: skip
+    return list(prompts.values()), rated, metrics
 
 
 def _prompt_key(prompt: list[dict[str, str]]) -> str:
@@ -105,6 +143,11 @@ def prepare(
     timer = Timer("prepare")
     tables: dict[str, list[dict[str, Any]]] = {}
     metrics: dict[str, Any] = {}
+    rated: list[Row] = []
+    if params.rated.source is not None:  # its prompts are the train prompts (data.prompts.source is null)
+        tables["prompts"], rated, metrics["rated"] = rated_rows(params.rated, params.on_invalid)
+        metrics["prompts"] = {"source": params.rated.source, "format": metrics["rated"]["format"],
+                              "rows": len(tables["prompts"]), "dropped": {}}  # fmt: skip
     for name, (field, _, _, _) in OUTPUTS.items():
         source = getattr(params, field)
         if source.source is None:
@@ -117,6 +160,7 @@ def prepare(
         tmp.mkdir()
         for name, rows in tables.items():
             write_parquet(rows, Path(tmp) / f"{name}.parquet", OUTPUTS[name][3])
+        write_parquet(rated, Path(tmp) / "rated.parquet", schema.RATED)  # no rows: generate as usual
     write_json(metrics, metrics_path)
     timer.summary(sum(len(r) for r in tables.values()), "rows", **{k: v["rows"] for k, v in metrics.items()})
     return metrics
