@@ -770,6 +770,14 @@ class EvaluateParams(SamplingParams):
     )
     include_base: bool = Field(False, description="Also evaluate the base model (a third column).")
     n_examples: NonNegInt = Field(5, description="Prompts shown side by side in reports/eval.md.")
+    preferences: SourceParams = Field(
+        SourceParams(source=None),
+        description="A held-out preference split of your own (e.g. HH-RLHF test; any format data parts "
+        "read, with the same format/lang/pairs/rating/max_rows options): prepare and pairs write it to "
+        "data/pairs/test.parquet, ref_logps caches its SFT log-probs, and evaluate reports preference "
+        "accuracy, mean reward margin and the chosen-up-rejected-down fraction for SFT and DPO "
+        "(source null: none). Not trained on.",
+    )
 
     _samples = field_validator("n")(_check_samples)
 

@@ -36,6 +36,8 @@ OUTPUTS: dict[str, tuple[str, Kind, str | None, Any]] = {
     "prompts": ("prompts", "prompts", "prompts", schema.PROMPTS),
     "eval_prompts": ("eval_prompts", "prompts", "eval", schema.PROMPTS),
     "preferences": ("preferences", "preferences", None, schema.PREFERENCES),
+    # evaluate.preferences: a held-out preference split (pairs writes it to data/pairs/test.parquet)
+    "eval_preferences": ("evaluate.preferences", "preferences", None, schema.PREFERENCES),
 }
 
 
@@ -58,12 +60,13 @@ def load_rows(
 ) -> tuple[list[dict[str, Any]], Counter[str], str]:
     """The rows of one output, what was dropped (by reason) and the format read."""
     field, kind, split, _ = OUTPUTS[name]
+    key = field if "." in field else f"data.{field}"
     assert source.source is not None
     if is_builtin(source.source):
         if source.source != BUILTIN:
-            raise DataError(f"data.{field}.source: unknown built-in '{source.source}' (known: {BUILTIN})")
+            raise DataError(f"{key}.source: unknown built-in '{source.source}' (known: {BUILTIN})")
         if split is None:
-            raise DataError(f"data.{field}.source: the built-in task has no preference pairs")
+            raise DataError(f"{key}.source: the built-in task has no preference pairs")
         sizes = {
             "sft": params.builtin.n_sft,
             "prompts": params.builtin.n_prompts,
@@ -123,23 +126,31 @@ def _prompt_key(prompt: list[dict[str, str]]) -> str:
     return json.dumps([[m["role"], m["content"].strip()] for m in prompt])
 
 
-def check_no_overlap(eval_rows: list[dict[str, Any]], train: dict[str, list[dict[str, Any]]]) -> None:
-    """Eval prompts must not appear among the train prompts or SFT prompts."""
+def check_no_overlap(
+    eval_rows: list[dict[str, Any]], train: dict[str, list[dict[str, Any]]], what: str = "eval prompt"
+) -> None:
+    """Eval prompts (``what``) must not appear among the train prompts or SFT prompts."""
     eval_keys = {_prompt_key(r["prompt"]): r for r in eval_rows}
     for name, rows in train.items():
         shared = [r for r in rows if _prompt_key(r["prompt"]) in eval_keys]
         if shared:
             example = shared[0]["prompt"][-1]["content"][:80]
             raise DataError(
-                f"{len(shared)} eval prompt(s) also appear in data.{name} (e.g. {example!r}); "
+                f"{len(shared)} {what} prompt(s) also appear in data.{name} (e.g. {example!r}); "
                 "held-out evaluation needs disjoint prompts"
             )
 
 
 def prepare(
-    params: DataParams, out_dir: str | os.PathLike, metrics_path: str | os.PathLike
+    params: DataParams,
+    out_dir: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    eval_preferences: SourceParams | None = None,
 ) -> dict[str, Any]:
-    """Read, convert and validate every source; write the prepared folder and metrics."""
+    """Read, convert and validate every source; write the prepared folder and metrics.
+
+    ``eval_preferences`` (``evaluate.preferences``): a held-out preference split, written to
+    ``eval_preferences.parquet``; its prompts must not be among the train, SFT or user-pair prompts."""
     timer = Timer("prepare")
     tables: dict[str, list[dict[str, Any]]] = {}
     metrics: dict[str, Any] = {}
@@ -149,13 +160,15 @@ def prepare(
         metrics["prompts"] = {"source": params.rated.source, "format": metrics["rated"]["format"],
                               "rows": len(tables["prompts"]), "dropped": {}}  # fmt: skip
     for name, (field, _, _, _) in OUTPUTS.items():
-        source = getattr(params, field)
-        if source.source is None:
+        source = eval_preferences if name == "eval_preferences" else getattr(params, field)
+        if source is None or source.source is None:
             continue
         rows, dropped, fmt = load_rows(name, source, params)
         tables[name] = rows
         metrics[name] = {"source": source.source, "format": fmt, "rows": len(rows), "dropped": dict(dropped)}
     check_no_overlap(tables["eval_prompts"], {"prompts": tables["prompts"], "sft": tables["sft"]})
+    train = {name: tables[name] for name in ("prompts", "sft", "preferences") if name in tables}
+    check_no_overlap(tables.get("eval_preferences", []), train, "evaluate.preferences")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, rows in tables.items():
@@ -174,6 +187,8 @@ class PreparePaths:
     metrics: Path
 
 
-def run(params: DataParams, paths: PreparePaths) -> dict[str, Any]:
-    """The stage: every source to ``paths.out_dir``; returns the metrics."""
-    return prepare(params, paths.out_dir, paths.metrics)
+def run(
+    params: DataParams, paths: PreparePaths, eval_preferences: SourceParams | None = None
+) -> dict[str, Any]:
+    """The stage: every source (and ``evaluate.preferences``) to ``paths.out_dir``; returns the metrics."""
+    return prepare(params, paths.out_dir, paths.metrics, eval_preferences)

@@ -32,6 +32,7 @@ from alignpipe.evaluate.plots import (
     plot_training_curves,
     save_png,
 )
+from alignpipe.evaluate.preferences import markdown as preference_markdown
 from alignpipe.evaluate.results import TITLES, Answer, EvalResult
 
 HIST_BINS = 20
@@ -291,6 +292,7 @@ def render_markdown(result: EvalResult, metrics: Mapping[str, Any]) -> str:
         f"log p_ref(r))] with beta = {result.beta} and the cached reference (SFT) log-probs; accurate when > 0 "
         "(a margin under 1e-5 is fp32 noise: a tie, counted as a miss).",
         "",
+        *preference_markdown(metrics.get("preferences")),
         "## Plots",
         "",
         "![Reward distribution](eval/reward_hist.png)",

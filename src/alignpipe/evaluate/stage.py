@@ -43,6 +43,7 @@ from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_score
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.data import builtin as task
+from alignpipe.evaluate.preferences import preference_split
 from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult, WinRate
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 
@@ -287,8 +288,12 @@ def run_evaluate(
     dpo: DpoParams,
     curves: Mapping[str, str | os.PathLike] | None = None,
     reward_model: Path | None = None,
+    preferences: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run the stage; ``models`` maps "sft", "dpo" (and "base", used when ``include_base``) to folders.
+
+    ``preferences``: ``data/pairs/test.parquet`` (``evaluate.preferences``); with rows, eval.json gets
+    ``preferences`` (:mod:`alignpipe.evaluate.preferences`).
 
     Writes ``out_dir/eval.json``, ``out_dir/eval.md`` and ``out_dir/eval/`` (plot data and PNGs);
     ``curves`` maps "sft"/"dpo" to the training stages' DVCLive plot folders. Returns eval.json.
@@ -323,6 +328,9 @@ def run_evaluate(
         truncation={what: counts.as_dict() for what, counts in truncation.items()},
     )
     metrics = eval_metrics(result)
+    split = preference_split(models["dpo"], preferences, ref_logps_path, params, dpo) if preferences else None
+    if split is not None:
+        metrics["preferences"] = split
     write_reports(result, metrics, Path(out_dir), curves or {})
     total.summary(
         sum(len(a) for a in answers.values()), "answers", win_rate=metrics["win_rate"], kl=metrics["kl"]
@@ -344,6 +352,7 @@ class EvaluatePaths:
     sft_curves: Path | None = None
     dpo_curves: Path | None = None
     reward_model: Path | None = None  # models/reward (reward.kind: trained on prompts of your own)
+    preferences: Path | None = None  # data/pairs/test.parquet (evaluate.preferences; no rows: none)
 
 
 @dataclass(frozen=True)
@@ -361,4 +370,4 @@ def run(params: EvaluateSettings, paths: EvaluatePaths) -> dict[str, Any]:
     models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base}
     return run_evaluate(models, paths.prompts, paths.pairs, paths.ref_logps, paths.out_dir,
                         params.evaluate, params.reward, params.dpo, curves=curves,
-                        reward_model=paths.reward_model)  # fmt: skip
+                        reward_model=paths.reward_model, preferences=paths.preferences)  # fmt: skip
