@@ -19,8 +19,15 @@ from alignpipe.artifacts.io import read_parquet, write_parquet
 from alignpipe.evaluate.preferences import markdown, policy_figures, preference_split, sft_figures
 from alignpipe.evaluate.stage import run_evaluate
 from alignpipe.pairs import pairs
-from alignpipe.params import DataParams, DpoParams, EvaluateParams, PairsParams, RefLogpsParams, RewardParams
-from alignpipe.params import SourceParams
+from alignpipe.params import (
+    DataParams,
+    DpoParams,
+    EvaluateParams,
+    PairsParams,
+    RefLogpsParams,
+    RewardParams,
+    SourceParams,
+)
 from alignpipe.prepare import prepare
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.testing import save_tiny_model
@@ -86,7 +93,10 @@ def hand_figures(root: Path, sft: Path, dpo: Path) -> tuple[dict, dict]:
     want_dpo = {
         "preference_accuracy": sum(m > 0 for m in margins) / n,
         "reward_margin": sum(margins) / n,
-        "chosen_up_rejected_down": sum(dc > sc and dr < sr for sc, sr, dc, dr in zip(s_c, s_r, d_c, d_r)) / n,
+        "chosen_up_rejected_down": sum(
+            dc > sc and dr < sr for sc, sr, dc, dr in zip(s_c, s_r, d_c, d_r, strict=True)
+        )
+        / n,
         "logp_accuracy": sum(c > r for c, r in zip(d_c, d_r, strict=True)) / n,
     }
     own = sum(c > r for c, r in zip(s_c, s_r, strict=True)) / n
