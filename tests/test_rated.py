@@ -169,3 +169,33 @@ def test_dvc_with_a_rated_set_generates_nothing_and_pairs_the_ratings(tmp_path, 
     got = sorted((r["chosen"][0]["content"], r["rejected"][0]["content"], r["margin"]) for r in pairs)
     assert got == [("7.", "9.", 5.5), ("Bonjour !", "Hello.", 6.5)]  # best vs worst by overall_score
     assert {r["source"] for r in pairs} == {"generated"}
+
+
+def test_generate_writes_the_marker_for_a_rated_set_and_samples_again_without_one(tmp_path, tiny_model_dir):
+    from alignpipe.artifacts.generations import read_generations
+    from alignpipe.artifacts.io import write_parquet
+    from alignpipe.generate import SKIPPED, GeneratePaths
+    from alignpipe.generate import run as run_generate
+    from alignpipe.params import GenerateParams
+
+    prompts = [{"prompt_id": "p0", "prompt": [{"role": "user", "content": "hello"}], "meta": None}]
+    write_parquet(prompts, tmp_path / "prompts.parquet", schema.PROMPTS)
+    rated = [{"prompt_id": "p0", "sample_idx": i, "completion": t, "reward": r, "reward_details": "{}"}
+             for i, (t, r) in enumerate([("hi", 1.0), ("go away", 0.0)])]  # fmt: skip
+    write_parquet(rated, tmp_path / "rated.parquet", schema.RATED)
+    out, metrics = tmp_path / "generations", tmp_path / "generate.json"
+    (out / "old-chunk").mkdir(parents=True)  # whatever an earlier run left in the persist out
+    paths = GeneratePaths(
+        tiny_model_dir, tmp_path / "prompts.parquet", out, metrics, tmp_path / "rated.parquet"
+    )
+    params = GenerateParams(backend="hf", n=2, max_new_tokens=3)
+    got = run_generate(params, paths)
+    assert got["skipped"] == "rated set" and got["rated_completions"] == 2 and got["samples_generated"] == 0
+    assert [p.name for p in out.iterdir()] == [SKIPPED] and json.loads(metrics.read_text()) == got
+    marker = (out / SKIPPED).read_bytes()
+    run_generate(params, paths)
+    assert (out / SKIPPED).read_bytes() == marker  # a constant: score's input does not change
+    write_parquet([], tmp_path / "rated.parquet", schema.RATED)  # the rated set is gone: sample again
+    got = run_generate(params, paths)
+    assert got["samples_generated"] == 2 and not (out / SKIPPED).exists()
+    assert len(read_generations(out)) == 2
