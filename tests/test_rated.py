@@ -143,6 +143,13 @@ def test_pairs_apply_to_the_rated_completions(tmp_path):
 def test_rated_and_prompts_sources_together_are_refused():
     with pytest.raises(ValueError, match=r"set data.prompts.source: null"):
         DataParams(rated=SourceParams(source="uf.jsonl"))
+    with pytest.raises(ValueError, match=r"data.prompts.source must be set"):
+        DataParams(prompts=SourceParams(source=None))
+    from alignpipe.params import Params
+
+    # generate.n: 1 is no error with a rated set: generate samples nothing, the set has the N completions
+    rated = {"prompts": {"source": None}, "rated": {"source": "uf.jsonl"}}
+    assert Params(data=rated, generate={"n": 1, "temperature": 0}).data.rated.source == "uf.jsonl"
 
 
 @pytest.mark.slow
