@@ -23,13 +23,17 @@ def main() -> None:
     parser.add_argument("--dpo-curves", help="DVCLive plots folder of the dpo stage")
     parser.add_argument("--reward-model", help="the reward_model stage's folder (reward.kind: trained)")
     parser.add_argument("--sft-data", help="prepared SFT demonstrations parquet (the forgetting signal)")
+    parser.add_argument("--preferences", type=Path, help="held-out preference split (evaluate.preferences)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     folders = [Path(p) for p in (args.sft, args.dpo, args.base, args.prompts, args.pairs, args.ref_logps)]
     curves = [Path(p) if p else None for p in (args.sft_curves, args.dpo_curves)]
     reward_model = Path(args.reward_model) if args.reward_model else None
     sft_data = Path(args.sft_data) if args.sft_data else None
-    paths = EvaluatePaths(*folders, Path(args.out_dir), *curves, reward_model=reward_model, sft_data=sft_data)
+    paths = EvaluatePaths(
+        *folders, Path(args.out_dir), *curves, reward_model=reward_model, sft_data=sft_data,
+        preferences=args.preferences,
+    )  # fmt: skip
     settings = EvaluateSettings(
         load_section("evaluate", args.params),
         load_section("reward", args.params),

@@ -26,10 +26,11 @@ def main() -> None:
     parser.add_argument(
         "--shard", type=int, default=None, help="run only this shard (0-based) of generate.num_shards"
     )
+    parser.add_argument("--rated", type=Path, help="rated.parquet of prepare: rows there skip sampling")
     parser.add_argument("--params", default="params.yaml", help="params file")
     args = parser.parse_args()
     metrics = Path(args.metrics) if args.metrics else None
-    paths = GeneratePaths(Path(args.model), Path(args.prompts), Path(args.out), metrics)
+    paths = GeneratePaths(Path(args.model), Path(args.prompts), Path(args.out), metrics, args.rated)
     run(load_section("generate", args.params), paths, shard=args.shard)
 
 

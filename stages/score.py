@@ -17,10 +17,16 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="scored parquet to write")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--reward-model", type=Path, help="the reward_model stage's folder (kind: trained)")
+    parser.add_argument("--rated", type=Path, help="rated.parquet of prepare: rows there are imported")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     paths = ScorePaths(
-        Path(args.generations), Path(args.prompts), Path(args.out), Path(args.metrics), args.reward_model
+        Path(args.generations),
+        Path(args.prompts),
+        Path(args.out),
+        Path(args.metrics),
+        args.reward_model,
+        args.rated,
     )
     run(load_section("reward", args.params), paths)
 

@@ -71,7 +71,8 @@ def test_ultrafeedback_bad_row_message() -> None:
 
 
 def test_scored_completions_give_every_rated_completion_its_reward() -> None:
-    items, dropped = scored_completions(UF, on_invalid="drop")
+    items, dropped, fmt = scored_completions(UF, on_invalid="drop")
+    assert fmt == "ultrafeedback"
     assert [(i.completion, i.reward) for i in items] == [
         (GPT4["content"], 9.0),
         (LLAMA["content"], 7.5),
@@ -95,7 +96,7 @@ def test_scored_completions_give_every_rated_completion_its_reward() -> None:
         },
     )
     assert dict(dropped) == {"empty_completion": 1, "wrong_type": 1}
-    means, _ = scored_completions(UF, FormatOptions(rating="mean"), on_invalid="drop")
+    means, _, _ = scored_completions(UF, FormatOptions(rating="mean"), on_invalid="drop")
     assert [round(i.reward, 4) for i in means[:3]] == [5.0, 4.0, round(7 / 3, 4)]  # N/A left out of the mean
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_architecture import uncovered_reads
-from workspace import dvc, make_workspace, ran_stages, set_params
+from workspace import ROOT, dvc, make_workspace, ran_stages, set_params
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet
+from alignpipe.evaluate.preferences import FIGURES
 from alignpipe.params import TRACE_ENV
 
 pytestmark = pytest.mark.slow
@@ -61,8 +64,10 @@ TINY_PIPELINE = {
     "reward": {"kind": "python", "function": "toy_reward:score"},
     "pairs": {"allow_truncated": True, "eval_fraction": 0.25},
     "dpo": {"batch_size": 4, "eval_steps": 2, "save_steps": 2, "max_length": 64, "max_prompt_length": 48},
-    "evaluate": {"max_new_tokens": 8, "n_examples": 2},
-}
+    # a held-out preference split in Anthropic HH text (evaluate.preferences): its three figures in eval.json
+    "evaluate": {"max_new_tokens": 8, "n_examples": 2,
+                 "preferences": {"source": str(ROOT / "tests/fixtures/formats/hh_test.jsonl")}},
+}  # fmt: skip
 
 
 def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, tiny_model_dir, monkeypatch):
@@ -90,6 +95,9 @@ def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, 
     ):
         assert (ws / path).exists(), path
     assert dvc(ws, "status").stdout.strip().endswith("up to date.")
+    split = json.loads((ws / "reports/eval.json").read_text())["preferences"]
+    assert split["pairs"] == 4 and set(split["sft"]) == set(split["dpo"]) == set(FIGURES)
+    assert 0 <= split["dpo"]["preference_accuracy"] <= 1 and split["sft"]["reward_margin"] == 0.0
 
     set_params(ws, {"dpo": {"beta": 0.3}})
     dry = dvc(ws, "repro", "--dry")

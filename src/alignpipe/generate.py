@@ -20,6 +20,9 @@ there. Chunks whose fingerprint (model, prompts, sampling settings; see
 :func:`fingerprint`) differs from the current run's are deleted first. Every sample
 draws from its own seed (``alignpipe.generation``), so the output does not depend
 on how the run was sharded, split or resumed.
+
+A rated set (``data.rated``: rows in ``data/prepared/rated.parquet``) skips the stage: it samples
+nothing and writes the marker folder ``SKIPPED.json`` (a constant), and ``score`` imports the ratings.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from alignpipe.artifacts.generations import (
     write_chunk,
     write_manifest,
 )
-from alignpipe.artifacts.io import ArtifactError, read_parquet, write_json
-from alignpipe.artifacts.schema import PROMPTS
+from alignpipe.artifacts.io import ArtifactError, atomic_path, read_parquet, write_json
+from alignpipe.artifacts.schema import PROMPTS, RATED
 from alignpipe.core.progress import Timer
 from alignpipe.generation.base import Backend, PromptRequest, build_requests, resolve_backend
 from alignpipe.generation.load import load_chat_tokenizer, loaded_backend
@@ -51,6 +54,7 @@ from alignpipe.params import GenerateParams
 
 # Settings that change speed or memory but not the samples: changing them keeps finished chunks.
 NOT_FINGERPRINTED = {"num_shards", "batch_size", "gpu_memory_utilization", "tensor_parallel_size"}
+SKIPPED = "SKIPPED.json"  # the marker of a run skipped for a rated set (data.rated)
 FULL_HASH_LIMIT = 1 << 30  # model files up to 1 GiB are hashed whole; larger ones by size and 16 sampled MiB
 
 
@@ -250,6 +254,23 @@ def _distinct_rate(rows: list[dict[str, Any]], n: int) -> float:
     return sum(len(s) for s in by_prompt.values()) / (n * len(by_prompt))
 
 
+def skip_for_rated(rated: list[dict[str, Any]], out_dir: Path, metrics_path: Path | None) -> dict[str, Any]:
+    """A rated set brings its scored completions (``data.rated``): sample nothing, write the constant
+    marker folder ``out_dir/SKIPPED.json`` (score then reads ``rated.parquet``) and say so."""
+    n_prompts = len({r["prompt_id"] for r in rated})
+    marker = {"skipped": "rated set", "why": "data.rated brings scored completions; score imports them"}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / SKIPPED).write_text(json.dumps(marker, indent=2) + "\n")
+    metrics: dict[str, Any] = {"skipped": "rated set", "prompts": n_prompts, "rated_completions": len(rated),
+                               "samples_generated": 0, "complete": True}  # fmt: skip
+    if metrics_path is not None:
+        write_json(metrics, metrics_path)
+    print(f"generate: skipped: rated set ({len(rated)} rated completions of {n_prompts} prompts, "
+          f"data.rated); wrote the marker {out_dir}/{SKIPPED}", flush=True)  # fmt: skip
+    return metrics
+
+
 @dataclass(frozen=True)
 class GeneratePaths:
     """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
@@ -258,10 +279,15 @@ class GeneratePaths:
     prompts: Path
     out: Path
     metrics: Path | None = None
+    rated: Path | None = None  # data/prepared/rated.parquet: rows there mean no sampling
 
 
 def run(params: GenerateParams, paths: GeneratePaths, shard: int | None = None) -> dict[str, Any]:
     """The stage (one shard of it when ``shard`` is set); returns the metrics."""
+    rated = read_parquet(paths.rated, RATED) if paths.rated is not None else []
+    if rated:
+        return skip_for_rated(rated, paths.out, paths.metrics)
+    (paths.out / SKIPPED).unlink(missing_ok=True)  # a marker left by an earlier rated run (persist out)
     return run_generate(
         paths.model, paths.prompts, paths.out, params, shard=shard, metrics_path=paths.metrics
     )

@@ -19,7 +19,8 @@ that passes (this keeps the most useful pairs):
 
 User pairs (``preferences.parquet``) join unfiltered (source "user", rewards null). Train/eval
 split by prompt: prompts sorted by a hash of (seed, prompt_id), the first ``eval_fraction`` of
-them are eval, so no prompt is in both.
+them are eval, so no prompt is in both. ``test.parquet`` holds the held-out preference split of
+``evaluate.preferences`` as it came (no rows without one), for ``ref_logps`` and ``evaluate`` only.
 """
 
 from __future__ import annotations
@@ -337,9 +338,13 @@ def pairs(
     preferences = read_parquet(prefs_path, schema.PREFERENCES) if prefs_path.exists() else []
     train, evals, report = build_pairs(scored, prompts, preferences, params)
     report |= reward or {}
+    test_path = Path(prepared_dir) / "eval_preferences.parquet"  # evaluate.preferences, never trained on
+    test = user_pair_rows(read_parquet(test_path, schema.PREFERENCES), {}) if test_path.exists() else []
+    report["pairs_test"] = len(test)
     with atomic_path(out_dir) as tmp:
         write_parquet(train, tmp / "train.parquet", schema.PAIRS)
         write_parquet(evals, tmp / "eval.parquet", schema.PAIRS)
+        write_parquet(test, tmp / "test.parquet", schema.PAIRS)  # no rows without evaluate.preferences
     write_json(report, report_path)
     write_histogram(histogram([float(r["reward"]) for r in scored]), Path(plots_dir) / "rewards.csv")
     margins = [r["margin"] for r in train + evals if r["margin"] is not None]

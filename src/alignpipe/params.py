@@ -189,11 +189,27 @@ class DataParams(Section):
         "without the pair filters (source null: none).",
     )
 
+    rated: SourceParams = Field(
+        SourceParams(source=None),
+        description="A rated multi-completion set (ultrafeedback or helpsteer) instead of generating: its "
+        "prompts are the train prompts, its completions with their ratings (by 'rating') are the scored "
+        "samples, generate samples nothing and score runs no reward (source null: generate as usual; set "
+        "data.prompts.source: null with it).",
+    )
+
     @model_validator(mode="after")
     def _required_sources(self) -> DataParams:
+        if self.rated.source is not None and self.prompts.source is not None:
+            raise ValueError(
+                "data.rated.source gives the train prompts (and their scored completions): "
+                "set data.prompts.source: null"
+            )
         for name in ("sft", "prompts", "eval_prompts"):
-            if getattr(self, name).source is None:
-                raise ValueError(f"data.{name}.source must be set (only data.preferences.source may be null)")
+            if getattr(self, name).source is None and not (name == "prompts" and self.rated.source):
+                raise ValueError(
+                    f"data.{name}.source must be set (only data.preferences.source and data.rated.source "
+                    "may be null; data.prompts.source with data.rated.source)"
+                )
         return self
 
 
@@ -790,6 +806,14 @@ class EvaluateParams(SamplingParams):
     gate: GateParams = Field(
         GateParams(), description="Thresholds that fail the stage (all null: report only)."
     )
+    preferences: SourceParams = Field(
+        SourceParams(source=None),
+        description="A held-out preference split of your own (e.g. HH-RLHF test; any format data parts "
+        "read, with the same format/lang/pairs/rating/max_rows options): prepare and pairs write it to "
+        "data/pairs/test.parquet, ref_logps caches its SFT log-probs, and evaluate reports preference "
+        "accuracy, mean reward margin and the chosen-up-rejected-down fraction for SFT and DPO "
+        "(source null: none). Not trained on.",
+    )
 
     _samples = field_validator("n")(_check_samples)
 
@@ -814,7 +838,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
-        if self.generate.n < 2 and self.data.preferences.source is None:
+        if self.generate.n < 2 and self.data.preferences.source is None and self.data.rated.source is None:
             raise ValueError(
                 f"generate.n: {self.generate.n} sample per prompt gives no pairs to compare; "
                 "set generate.n >= 2 or bring your own pairs (data.preferences.source)"

@@ -21,7 +21,7 @@ from alignpipe.core.progress import Timer
 from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.training.numerics import Numerics, reference_scorer
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "test")  # test: evaluate.preferences (evaluate reads its SFT log-probs here)
 
 
 def run_ref_logps(

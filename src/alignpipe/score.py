@@ -6,6 +6,9 @@ reward (``alignpipe.rewards``) and writes
 ``data/scored.parquet`` (schema SCORED: every generation column + ``reward`` +
 ``reward_details`` as JSON) and a small metrics file. A non-finite reward stops the stage
 with an error naming the rows (prompt_id, sample_idx).
+
+With a rated set (``data.rated``: rows in ``data/prepared/rated.parquet``; generate then only wrote
+its marker) the ratings are the reward: :func:`import_rated` writes them to ``scored.parquet``.
 """
 
 from __future__ import annotations
@@ -137,6 +140,33 @@ def reward_hash(params: RewardParams, reward_model: Path | None = None) -> str:
     return sha256_tree(Path(origin)) if origin and Path(origin).is_file() else str(params.function)
 
 
+def import_rated(
+    rated: list[dict[str, Any]],
+    rated_path: Path,
+    prompts_path: str | os.PathLike,
+    out: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+) -> dict[str, Any]:
+    """A rated set (``data.rated``): its completions with their ratings become ``scored.parquet``, no
+    reward runs. Generation columns a rated completion has not: ``n_tokens``, ``logprob`` and ``seed``
+    null, ``finish_reason`` "stop", ``backend`` "rated"."""
+    known = {r["prompt_id"] for r in read_parquet(prompts_path, schema.PROMPTS)}
+    missing = next((r["prompt_id"] for r in rated if r["prompt_id"] not in known), None)
+    if missing is not None:
+        raise ArtifactError(f"{rated_path}: prompt_id {missing!r} is not in the prompts file")
+    rows = [{**r, "n_tokens": None, "finish_reason": "stop", "logprob": None, "backend": "rated", "seed": None}
+            for r in rated]  # fmt: skip
+    write_parquet(rows, out, schema.SCORED)
+    results = [RewardResult(r["reward"], json.loads(r["reward_details"])) for r in rows]
+    first = results[0].details
+    metrics = score_metrics(f"rated:{first['format']}:{first['rule']}", rows, results)
+    metrics["reward_hash"] = sha256_tree(rated_path)  # the ratings are the reward
+    write_json(metrics, metrics_path)
+    print(f"score: imported {len(rows)} rated completions of {metrics['prompts']} prompts (reward: "
+          f"{metrics['reward']}, data.rated.rating); no reward model ran", flush=True)  # fmt: skip
+    return metrics
+
+
 @dataclass(frozen=True)
 class ScorePaths:
     """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
@@ -146,8 +176,13 @@ class ScorePaths:
     out: Path
     metrics: Path
     reward_model: Path | None = None  # models/reward (reward.kind: trained)
+    rated: Path | None = None  # data/prepared/rated.parquet: rows there are imported instead
 
 
 def run(params: RewardParams, paths: ScorePaths) -> dict[str, Any]:
-    """The stage: a reward for every generation; returns the metrics."""
+    """The stage: a reward for every generation (or the ratings of a rated set); returns the metrics."""
+    rated = read_parquet(paths.rated, schema.RATED) if paths.rated is not None else []
+    if rated:
+        assert paths.rated is not None
+        return import_rated(rated, paths.rated, paths.prompts, paths.out, paths.metrics)
     return score(paths.generations, paths.prompts, paths.out, paths.metrics, params, paths.reward_model)

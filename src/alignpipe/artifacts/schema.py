@@ -42,6 +42,19 @@ SCORED = pa.schema(
     list(GENERATIONS) + [pa.field("reward", pa.float64()), pa.field("reward_details", pa.string())]
 )
 
+# data/prepared/rated.parquet: the completions of a rated set (data.rated) with their reward by
+# data.rated.rating; reward_details holds the format, the rule, the model and every raw score, as JSON.
+# Always written (no rows without data.rated): generate and score read it to know whether to skip.
+RATED = pa.schema(
+    [
+        ("prompt_id", pa.string()),  # of prompts.parquet
+        ("sample_idx", pa.int32()),  # the completion's place among its prompt's rated completions
+        ("completion", pa.string()),
+        ("reward", pa.float64()),
+        ("reward_details", pa.string()),
+    ]
+)
+
 # data/pairs/{train,eval}.parquet
 PAIRS = pa.schema(
     [

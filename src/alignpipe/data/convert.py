@@ -42,6 +42,7 @@ __all__ = [
     "Drops",
     "FormatOptions",
     "Kind",
+    "Scored",
     "ScoredCompletion",
     "convert",
     "convert_source",
@@ -228,12 +229,20 @@ class _Collector:
             self.rows.append({id_column: rid, **row, **extra})
 
 
+class Scored(NamedTuple):
+    """What :func:`scored_completions` read: every rated completion, what was dropped, the format."""
+
+    items: list[ScoredCompletion]
+    dropped: Counter[str]
+    format: str
+
+
 def scored_completions(
     source: str,
     options: FormatOptions | None = None,
     on_invalid: OnInvalid = "error",
     base_dir: Path | None = None,
-) -> tuple[list[ScoredCompletion], Counter[str]]:
+) -> Scored:
     """Every rated completion of an UltraFeedback or HelpSteer source, with its reward by the rule.
 
     This is the N-completions-per-prompt view (``scored.parquet``-shaped: prompt, completion,
@@ -249,5 +258,5 @@ def scored_completions(
             )
         return RatedReader(fmt, "scored", options, drops)
 
-    _, items = _read(source, base_dir, options.format, None, reader_for, drops)
-    return list(items), drops.counts
+    fmt, items = _read(source, base_dir, options.format, None, reader_for, drops)
+    return Scored(list(items), drops.counts, fmt)

@@ -34,6 +34,7 @@ from alignpipe.evaluate.plots import (
     plot_training_curves,
     save_png,
 )
+from alignpipe.evaluate.preferences import markdown as preference_markdown
 from alignpipe.evaluate.results import Answer, EvalResult, title
 from alignpipe.evaluate.stats_report import add_statistics, markdown_lines, plot_rows
 
@@ -299,6 +300,7 @@ def render_markdown(result: EvalResult, metrics: Mapping[str, Any]) -> str:
         "(a margin under 1e-5 is fp32 noise: a tie, counted as a miss).",
         "",
         *markdown_lines(metrics, models),
+        *preference_markdown(metrics.get("preferences")),
         "## Plots",
         "",
         "![Reward distribution](eval/reward_hist.png)",

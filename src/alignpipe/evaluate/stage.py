@@ -47,6 +47,7 @@ from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_score
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.data import builtin as task
+from alignpipe.evaluate.preferences import preference_split
 from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult, WinRate
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 
@@ -292,10 +293,13 @@ def run_evaluate(
     curves: Mapping[str, str | os.PathLike] | None = None,
     reward_model: Path | None = None,
     sft_data: str | os.PathLike | None = None,
+    preferences: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run the stage; ``models`` maps "sft", "dpo" (and "base", used when ``include_base``) to folders.
 
     ``sft_data``: the prepared SFT demonstrations, for the forgetting signal (None: not measured).
+    ``preferences``: ``data/pairs/test.parquet`` (``evaluate.preferences``); with rows, eval.json gets
+    ``preferences`` (:mod:`alignpipe.evaluate.preferences`).
     Raises :class:`~alignpipe.evaluate.gate.GateFailed` after writing every report when a gate check fails.
 
     Writes ``out_dir/eval.json``, ``out_dir/eval.md`` and ``out_dir/eval/`` (plot data and PNGs);
@@ -335,6 +339,9 @@ def run_evaluate(
         demo_nll=demo_nll,
     )
     metrics = eval_metrics(result)
+    split = preference_split(models["dpo"], preferences, ref_logps_path, params, dpo) if preferences else None
+    if split is not None:
+        metrics["preferences"] = split
     write_reports(result, metrics, Path(out_dir), curves or {})
     total.summary(
         sum(len(a) for a in answers.values()), "answers", win_rate=metrics["win_rate"], kl=metrics["kl"]
@@ -358,6 +365,7 @@ class EvaluatePaths:
     dpo_curves: Path | None = None
     reward_model: Path | None = None  # models/reward (reward.kind: trained on prompts of your own)
     sft_data: Path | None = None  # data/prepared/sft.parquet: demonstrations for the forgetting signal
+    preferences: Path | None = None  # data/pairs/test.parquet (evaluate.preferences; no rows: none)
 
 
 @dataclass(frozen=True)
@@ -375,4 +383,5 @@ def run(params: EvaluateSettings, paths: EvaluatePaths) -> dict[str, Any]:
     models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base}
     return run_evaluate(models, paths.prompts, paths.pairs, paths.ref_logps, paths.out_dir,
                         params.evaluate, params.reward, params.dpo, curves=curves,
-                        reward_model=paths.reward_model, sft_data=paths.sft_data)  # fmt: skip
+                        reward_model=paths.reward_model, sft_data=paths.sft_data,
+                        preferences=paths.preferences)  # fmt: skip

@@ -82,7 +82,7 @@ def detect(record: Mapping[str, Any], where: Where, part: str | None = None) -> 
         return "trl" if "trl" in found or not found else "hh"
     if len(found) == 1:
         return found.pop()
-    setting = f"data.{part}.format" if part else "data.<part>.format"
+    setting = (part if "." in part else f"data.{part}") + ".format" if part else "data.<part>.format"
     names = sorted(found - {"hh"} if "trl" in found else found)
     raise DataError(
         f"ambiguous format: the record has the fields of {' and '.join(names)}; "
