@@ -68,6 +68,7 @@ LOSS_OPTIONS: dict[str, frozenset[str]] = {
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})  # they read no reference log-probs
 SORTED_ROW_LOSSES = frozenset({"aot", "aot_unpaired"})  # rows are batch quantiles: no per-pair weights
 LOSS_OPTION_NAMES = ("bco_delta", "discopop_tau", "simpo_gamma", "orpo_lambda")  # keys of dpo.loss_options
+UNPAIRED_FORMATS = ("auto", "trl", "hh")  # the formats with unpaired rows (data.unpaired.format)
 
 
 class ParamsError(ValueError):
@@ -188,12 +189,27 @@ class DataParams(Section):
         description="Optional pairs of your own (prompt, chosen, rejected), mixed into the DPO data "
         "without the pair filters (source null: none).",
     )
+    unpaired: SourceParams = Field(
+        SourceParams(source=None),
+        description="Optional unpaired feedback of your own (KTO: one completion with a boolean label, "
+        "true = desirable): TRL's prompt/completion/label rows (strings or messages) or 'messages' ending "
+        "in the assistant turn plus 'label'; format auto, trl or hh. Mixed into data/unpaired without the "
+        "filters (source null: none).",
+    )
 
     @model_validator(mode="after")
     def _required_sources(self) -> DataParams:
         for name in ("sft", "prompts", "eval_prompts"):
             if getattr(self, name).source is None:
-                raise ValueError(f"data.{name}.source must be set (only data.preferences.source may be null)")
+                raise ValueError(
+                    f"data.{name}.source must be set "
+                    "(only data.preferences.source and data.unpaired.source may be null)"
+                )
+        if self.unpaired.format not in UNPAIRED_FORMATS:
+            raise ValueError(
+                f"data.unpaired.format: {self.unpaired.format!r} has no unpaired (labelled) rows; "
+                f"use one of {', '.join(UNPAIRED_FORMATS)}"
+            )
         return self
 
 
@@ -494,6 +510,35 @@ class RewardModelParams(TrainParams):
         return value
 
 
+class UnpairedParams(Section):
+    label: Literal["quantile", "threshold", "verifier"] = Field(
+        "quantile",
+        description="How a scored sample gets its KTO label: quantile (relative to its prompt's other "
+        "samples: the top q desirable, the bottom q undesirable, the middle and ties across it dropped), "
+        "threshold (reward >= threshold is desirable, below undesirable) or verifier (the built-in "
+        "task's verifier passes every constraint: desirable; built-in prompts only).",
+    )
+    quantile: Annotated[float, Field(gt=0, le=0.5)] = Field(
+        0.5,
+        description="label quantile: the fraction q of each prompt's samples labelled desirable (top) "
+        "and undesirable (bottom), by percentile rank; 0.5 labels every sample not tied at the median.",
+    )
+    threshold: float | None = Field(
+        None,
+        description="label threshold: the reward at or above which a sample is desirable (no default: "
+        "it depends on the reward's scale).",
+    )
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> UnpairedParams:
+        if self.label == "threshold" and self.threshold is None:
+            raise ValueError(
+                "label 'threshold' needs pairs.unpaired.threshold (the reward at or above which a sample "
+                "is desirable)"
+            )
+        return self
+
+
 class PairsParams(Section):
     strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = Field(
         "best_vs_worst",
@@ -527,6 +572,11 @@ class PairsParams(Section):
         0.1, description="Fraction of prompts whose pairs are held out as eval pairs."
     )
     seed: int = Field(0, description="Seed of the random choices (best_vs_random) and of the eval split.")
+    unpaired: UnpairedParams = Field(
+        UnpairedParams(),
+        description="Unpaired (KTO) examples from the same scored samples, written to data/unpaired "
+        "(always; dpo.loss_type chooses what trains). allow_truncated and max_similarity apply too.",
+    )
 
 
 class RefLogpsParams(Section):
