@@ -1,8 +1,9 @@
 """The ``prepare`` stage: every data source to conversational parquet files.
 
 Writes ``sft.parquet``, ``prompts.parquet``, ``eval_prompts.parquet`` (and
-``preferences.parquet`` when the user brings pairs) into one folder, atomically,
-plus a metrics file with row counts and what was dropped.
+``preferences.parquet`` when the user brings pairs, ``unpaired.parquet`` when they bring
+labelled single completions for KTO) into one folder, atomically, plus a metrics file with
+row counts and what was dropped.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from alignpipe.data.readers import is_builtin
 from alignpipe.params import DataParams, SourceParams
 
 BUILTIN = "builtin:verifiable-instructions"
-Kind = Literal["sft", "prompts", "preferences"]
+Kind = Literal["sft", "prompts", "preferences", "unpaired"]
 # output file -> (params field, converter kind, built-in split, schema)
 OUTPUTS: dict[str, tuple[str, Kind, str | None, Any]] = {
     "sft": ("sft", "sft", "sft", schema.SFT),
     "prompts": ("prompts", "prompts", "prompts", schema.PROMPTS),
     "eval_prompts": ("eval_prompts", "prompts", "eval", schema.PROMPTS),
     "preferences": ("preferences", "preferences", None, schema.PREFERENCES),
+    "unpaired": ("unpaired", "unpaired", None, schema.UNPAIRED_PREPARED),
 }
+WHAT = {"preferences": "preference pairs", "unpaired": "unpaired (labelled) examples"}
 
 
 def builtin_rows(split: str, n: int, seed: int) -> list[dict[str, Any]]:
@@ -58,7 +61,7 @@ def load_rows(
         if source.source != BUILTIN:
             raise DataError(f"data.{field}.source: unknown built-in '{source.source}' (known: {BUILTIN})")
         if split is None:
-            raise DataError(f"data.{field}.source: the built-in task has no preference pairs")
+            raise DataError(f"data.{field}.source: the built-in task has no {WHAT[field]}")
         sizes = {
             "sft": params.builtin.n_sft,
             "prompts": params.builtin.n_prompts,
@@ -112,6 +115,9 @@ def prepare(
         rows, dropped, fmt = load_rows(name, source, params)
         tables[name] = rows
         metrics[name] = {"source": source.source, "format": fmt, "rows": len(rows), "dropped": dict(dropped)}
+        if name == "unpaired":
+            metrics[name]["desirable"] = sum(r["label"] for r in rows)
+            metrics[name]["undesirable"] = len(rows) - metrics[name]["desirable"]
     check_no_overlap(tables["eval_prompts"], {"prompts": tables["prompts"], "sft": tables["sft"]})
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
