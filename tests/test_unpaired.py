@@ -349,3 +349,68 @@ def test_stage_script_verifier_without_spec_fails_in_one_line_and_writes_nothing
         "meta), and prompt 'p1' has none; use label threshold or quantile for your own prompts"
     ]
     assert not any((tmp_path / name).exists() for name in ("pairs", "unpaired", "pairs.json", "plots"))
+
+
+# --- dvc ----------------------------------------------------------------------------------------------
+
+
+def downstream_of(path: str, stages: dict) -> set[str]:
+    """The stages of ``stages`` (dvc.yaml) that read ``path``, directly or through another's outputs."""
+
+    def names(entries) -> list[str]:
+        return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+    def reads(dep: str, out: str) -> bool:
+        return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
+
+    hit: set[str] = set()
+    frontier = {path}
+    while True:
+        new = {n for n, s in stages.items() if n not in hit and any(reads(d, o) for d in names(s.get("deps"))
+                                                                     for o in frontier)}  # fmt: skip
+        if not new:
+            return hit
+        hit |= new
+        for n in new:
+            frontier |= {o for key in ("outs", "metrics", "plots") for o in names(stages[n].get(key))}
+
+
+def test_downstream_of_follows_outputs():
+    stages = {
+        "a": {"deps": ["x"], "outs": ["data/a"]},
+        "b": {"deps": ["data/a/train.parquet"], "metrics": [{"reports/b.json": {"cache": False}}]},
+        "c": {"deps": ["reports/b.json"]},
+        "d": {"deps": ["y"]},
+    }
+    assert downstream_of("x", stages) == {"a", "b", "c"} and downstream_of("data/a", stages) == {"b", "c"}
+
+
+@pytest.mark.slow
+def test_a_pairs_unpaired_change_reruns_pairs_and_the_readers_of_data_unpaired_only(tmp_path, tiny_model_dir):
+    """dvc repro: changing pairs.unpaired reruns pairs and whatever reads data/unpaired, not score;
+    data/pairs stays byte-identical, so the stages that read only the pairs stay cached."""
+    import yaml
+    from test_pipeline import REWARD_MODULE, TINY_PIPELINE
+    from workspace import dvc, make_workspace, ran_stages, set_params
+
+    ws = make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, **TINY_PIPELINE})
+    (ws / "toy_reward.py").write_text(REWARD_MODULE)
+    stages = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"]
+    readers = downstream_of("data/unpaired", stages)
+    targets = ["pairs", *sorted(readers)]
+    first = ran_stages(dvc(ws, "repro", *targets).stdout)
+    assert "score" in first and "pairs" in first
+
+    def digest(folder: str) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted((ws / folder).iterdir())}
+
+    pairs_before, unpaired_before = digest("data/pairs"), digest("data/unpaired")
+    report = json.loads((ws / "reports/pairs.json").read_text())["unpaired"]
+    assert report["label"] == "quantile" and report["samples_in"] == 16 * 4
+    set_params(ws, {"pairs": {"unpaired": {"label": "threshold", "threshold": 2.0}}})
+    again = ran_stages(dvc(ws, "repro", *targets).stdout)
+    assert sorted(again) == sorted(["pairs", *readers]) and "score" not in again
+    assert digest("data/pairs") == pairs_before and digest("data/unpaired") != unpaired_before
+    report = json.loads((ws / "reports/pairs.json").read_text())["unpaired"]
+    assert report["label"] == "threshold" and report["removed"]["middle"] == 0
+    assert ran_stages(dvc(ws, "repro", *targets).stdout) == []
