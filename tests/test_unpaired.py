@@ -414,3 +414,29 @@ def test_a_pairs_unpaired_change_reruns_pairs_and_the_readers_of_data_unpaired_o
     report = json.loads((ws / "reports/pairs.json").read_text())["unpaired"]
     assert report["label"] == "threshold" and report["removed"]["middle"] == 0
     assert ran_stages(dvc(ws, "repro", *targets).stdout) == []
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_draws_the_label_histogram(tmp_path):
+    """`dvc plots show` accepts reports/pairs/unpaired_labels.csv with its template (configs/plots)."""
+    import shutil
+
+    for name in ("dvc.yaml", "params.yaml", "configs"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / name)
+    scored = table([1.0, 0.0, 0.5]) + table([0.5, 0.0], pid="p2")
+    _inputs(tmp_path / "in", scored)
+    pairs(tmp_path / "in/scored.parquet", tmp_path / "in/prepared/prompts.parquet", tmp_path / "in/prepared",
+          tmp_path / "in/pairs", tmp_path / "in/pairs.json", tmp_path / "reports/pairs", PairsParams())  # fmt: skip
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    shown = json.loads(proc.stdout)
+    name = "reports/pairs/unpaired_labels.csv"
+    assert not [e for e in shown.get("errors", []) if e["name"] == name]
+    bars = shown["data"][name][0]["content"]
+    assert bars["encoding"]["color"]["field"] == "label"
+    # p1: 1.0 desirable, 0.0 undesirable (0.5 middle); p2: 0.5 desirable, 0.0 undesirable
+    values = {(v["bin"], v["label"]): v["count"] for v in bars["data"]["values"]}
+    assert values == {("0.0", "desirable"): "0", ("0.0", "undesirable"): "2", ("0.5", "desirable"): "1",
+                      ("0.5", "undesirable"): "0", ("1.0", "desirable"): "1", ("1.0", "undesirable"): "0"}  # fmt: skip
