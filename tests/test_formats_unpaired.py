@@ -128,3 +128,16 @@ def test_prepare_without_a_source_writes_no_unpaired_file_as_for_preferences(tmp
             _params(unpaired={"source": "builtin:verifiable-instructions"}), tmp_path / "p2", tmp_path / "m"
         )
     assert str(info.value) == ("data.unpaired.source: the built-in task has no unpaired (labelled) examples")
+
+
+def test_hh_format_reads_an_hh_prompt_and_the_params_list_matches_the_readers():
+    from alignpipe.data.convert import UNPAIRED_FORMATS
+    from alignpipe.params import UNPAIRED_FORMATS as PARAM_FORMATS
+
+    rows, _, fmt = read(fixture("unpaired_standard.jsonl"), "unpaired", format="hh")
+    assert fmt == "hh" and rows[2] == {
+        "prompt": [user("What is 2+2?")],
+        "completion": [asst("4")],
+        "label": True,
+    }
+    assert ("auto", *UNPAIRED_FORMATS) == PARAM_FORMATS
