@@ -159,6 +159,7 @@ def test_truncated_and_empty_samples_leave_before_labelling():
         "single": 0,
         "tied": 0,
         "middle": 0,
+        "min_chosen_reward": 0,
         "similarity": 0,
     }
     train, _, report = run(scored, allow_truncated=True, **quantile(0.5))
@@ -180,6 +181,15 @@ def test_near_identical_dropped_within_the_same_prompt_and_label_only():
     assert report["removed"]["similarity"] == 0 and report["examples_generated"] == 8
 
 
+def test_min_chosen_reward_drops_weak_desirable_samples_only():
+    """q = 0.5 on [0.3, 0.1] and [0.9, 0.2]: 0.3 and 0.9 are desirable; with a floor of 0.5 the 0.3
+    leaves (its prompt keeps its undesirable 0.1), undesirable samples are never floored."""
+    scored = table([0.3, 0.1]) + table([0.9, 0.2], pid="p2")
+    train, _, report = run(scored, min_chosen_reward=0.5, **quantile(0.5))
+    assert labels(train) == {"p1:1": False, "p2:0": True, "p2:1": False}
+    assert report["removed"]["min_chosen_reward"] == 1
+
+
 def test_every_sample_is_counted_once():
     scored = (
         [row("a", 0, 1.0), row("a", 1, 0.0, finish="length"), row("a", 2, 0.5, text=""), row("a", 3, 0.0)]
@@ -196,6 +206,7 @@ def test_every_sample_is_counted_once():
         "single": 0,
         "tied": 2,
         "middle": 1,
+        "min_chosen_reward": 0,
         "similarity": 1,
     }
     assert report["samples_in"] == 12 == sum(report["removed"].values()) + report["examples_generated"]
@@ -261,7 +272,7 @@ def test_report_exact():
         "quantile": 0.5,
         "prompts_in": 2,
         "samples_in": 5,
-        "removed": {"truncated": 0, "empty": 0, "single": 0, "tied": 2, "middle": 1, "similarity": 0},
+        "removed": {"truncated": 0, "empty": 0, "single": 0, "tied": 2, "middle": 1, "min_chosen_reward": 0, "similarity": 0},
         "prompts_all_tied": 1,
         "examples_generated": 2,
         "examples_user": 0,

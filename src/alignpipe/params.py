@@ -561,7 +561,9 @@ class PairsParams(Section):
         False, description="Keep completions cut by generate.max_new_tokens (false: leave them out)."
     )
     min_chosen_reward: float | None = Field(
-        None, description="Drop pairs whose chosen completion scores below this (null: off)."
+        None,
+        description="Drop pairs whose chosen completion scores below this, and desirable unpaired "
+        "examples that do (null: off).",
     )
     max_length_ratio: Annotated[float, Field(ge=1)] | None = Field(
         None,
@@ -575,7 +577,8 @@ class PairsParams(Section):
     unpaired: UnpairedParams = Field(
         UnpairedParams(),
         description="Unpaired (KTO) examples from the same scored samples, written to data/unpaired "
-        "(always; dpo.loss_type chooses what trains). allow_truncated and max_similarity apply too.",
+        "(always; dpo.loss_type chooses what trains). allow_truncated, max_similarity and "
+        "min_chosen_reward apply too.",
     )
 
 

@@ -22,7 +22,9 @@ Per prompt, each sample is counted under the first step that removes it:
      q = 0.25) and p = 0 to the zero (undesirable). A prompt whose samples all tie has p = 1/2
      everywhere and gives no signal: its samples count as ``tied`` (and the prompt under
      ``prompts_all_tied``); a prompt left with one sample has no rank (``single``);
-4. ``similarity``: a completion near-identical (``pairs.max_similarity``, the pairs' difflib ratio)
+4. ``min_chosen_reward``: a desirable sample whose reward is below ``pairs.min_chosen_reward`` (the
+   pairs' floor on the chosen side; null: off);
+5. ``similarity``: a completion near-identical (``pairs.max_similarity``, the pairs' difflib ratio)
    to one already kept for the same prompt and the same label, in sample_idx order.
 
 User rows (``data/prepared/unpaired.parquet``) join unfiltered (source "user", reward null).
@@ -52,6 +54,7 @@ REMOVED: dict[str, str] = {
     "single": "pairs.unpaired.label: quantile (one sample has no rank)",
     "tied": "pairs.unpaired.label: quantile (all of the prompt's samples tie)",
     "middle": "pairs.unpaired.quantile",
+    "min_chosen_reward": "pairs.min_chosen_reward (on desirable samples)",
     "similarity": "pairs.max_similarity",
 }
 Labelled = tuple[Sample, bool]  # a sample and its label (true: desirable)
@@ -145,6 +148,10 @@ def examples_for_prompt(
     if not samples:
         return []
     labelled = label_samples(prompt_id, samples, meta, params, removed)
+    floor = params.min_chosen_reward
+    if floor is not None:
+        removed["min_chosen_reward"] += sum(label and s.reward < floor for s, label in labelled)
+        labelled = [(s, label) for s, label in labelled if not (label and s.reward < floor)]
     return drop_near_copies(labelled, params.max_similarity, removed)
 
 
