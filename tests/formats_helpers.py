@@ -32,7 +32,10 @@ def asst(text: str) -> dict[str, str]:
 
 def strip_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows without their id and meta columns (ids are content hashes, tested in test_formats.py)."""
-    return [{k: v for k, v in row.items() if k not in ("id", "prompt_id", "pair_id", "meta")} for row in rows]
+    return [
+        {k: v for k, v in row.items() if k not in ("id", "prompt_id", "pair_id", "example_id", "meta")}
+        for row in rows
+    ]
 
 
 def read(source: str, kind: str, on_invalid: str = "drop", **options: Any) -> tuple[list[dict], dict, str]:

@@ -35,7 +35,7 @@ from alignpipe.cli import DEBUG_ENV, _is_ours
 from alignpipe.core.models import load_causal_lm, load_tokenizer
 from alignpipe.dpo.stage import check_loss
 from alignpipe.generate import run_generate
-from alignpipe.pairs import pairs
+from alignpipe.pairs.stage import pairs
 from alignpipe.params import DataParams, RewardParams, load_section
 from alignpipe.prepare import prepare
 from alignpipe.ref_logps import run_ref_logps

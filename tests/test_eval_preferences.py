@@ -18,7 +18,7 @@ from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet, write_parquet
 from alignpipe.evaluate.preferences import markdown, policy_figures, preference_split, sft_figures
 from alignpipe.evaluate.stage import run_evaluate
-from alignpipe.pairs import pairs
+from alignpipe.pairs.stage import pairs
 from alignpipe.params import (
     DataParams,
     DpoParams,

@@ -12,7 +12,8 @@ import pytest
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_json, read_parquet, write_parquet
-from alignpipe.pairs import NoPairsError, build_pairs, eval_prompt_ids, histogram, pairs, similarity_at_least
+from alignpipe.pairs.build import NoPairsError, build_pairs, eval_prompt_ids, similarity_at_least
+from alignpipe.pairs.stage import histogram, pairs
 from alignpipe.params import PairsParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,8 +295,8 @@ def test_stage_script_fails_in_one_line(tmp_path):
     _write_inputs(tmp_path, table([1.0, 1.0]))
     (tmp_path / "params.yaml").write_text(json.dumps({"pairs": {"drop_ties": True}}))
     cmd = [sys.executable, str(ROOT / "stages/pairs.py"), "--scored", "scored.parquet", "--prompts",
-           "prepared/prompts.parquet", "--prepared", "prepared", "--out-dir", "pairs", "--report",
-           "pairs.json", "--plots-dir", "plots"]  # fmt: skip
+           "prepared/prompts.parquet", "--prepared", "prepared", "--out-dir", "pairs", "--unpaired-dir",
+           "unpaired", "--report", "pairs.json", "--plots-dir", "plots"]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
     )
@@ -304,4 +305,4 @@ def test_stage_script_fails_in_one_line(tmp_path):
         proc.stderr.startswith("error: no preference pair survived")
         and "Relax pairs.drop_ties" in proc.stderr
     )
-    assert not (tmp_path / "pairs").exists()
+    assert not (tmp_path / "pairs").exists() and not (tmp_path / "unpaired").exists()

@@ -14,7 +14,7 @@ from workspace import dvc, make_workspace, ran_stages
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet
-from alignpipe.pairs import build_pairs
+from alignpipe.pairs.build import build_pairs
 from alignpipe.params import DataParams, PairsParams, SourceParams
 from alignpipe.prepare import prepare
 from alignpipe.score import ScorePaths

@@ -64,7 +64,9 @@ STAGES = {
         ("data/generations", "reports/generate.json"), (), "reports/generate.json", "data/generations/chunk-*"
     ),
     "score": Spec(("data/scored.parquet", "reports/score.json"), (), "reports/score.json"),
-    "pairs": Spec(("data/pairs", "reports/pairs.json", "reports/pairs"), (), "reports/pairs.json"),
+    "pairs": Spec(
+        ("data/pairs", "data/unpaired", "reports/pairs.json", "reports/pairs"), (), "reports/pairs.json"
+    ),
     "ref_logps": Spec(("data/ref_logps.parquet",), (), "data/ref_logps.parquet", "log:ref_logps:"),
     "dpo": Spec(
         ("models/dpo", "reports/dpo"),

@@ -68,6 +68,7 @@ LOSS_OPTIONS: dict[str, frozenset[str]] = {
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})  # they read no reference log-probs
 SORTED_ROW_LOSSES = frozenset({"aot", "aot_unpaired"})  # rows are batch quantiles: no per-pair weights
 LOSS_OPTION_NAMES = ("bco_delta", "discopop_tau", "simpo_gamma", "orpo_lambda")  # keys of dpo.loss_options
+UNPAIRED_FORMATS = ("auto", "trl", "hh")  # the formats with unpaired rows (data.unpaired.format)
 
 
 class ParamsError(ValueError):
@@ -188,6 +189,13 @@ class DataParams(Section):
         description="Optional pairs of your own (prompt, chosen, rejected), mixed into the DPO data "
         "without the pair filters (source null: none).",
     )
+    unpaired: SourceParams = Field(
+        SourceParams(source=None),
+        description="Optional unpaired feedback of your own (KTO: one completion with a boolean label, "
+        "true = desirable): TRL's prompt/completion/label rows (strings or messages) or 'messages' ending "
+        "in the assistant turn plus 'label'; format auto, trl or hh. Mixed into data/unpaired without the "
+        "filters (source null: none).",
+    )
 
     rated: SourceParams = Field(
         SourceParams(source=None),
@@ -207,9 +215,14 @@ class DataParams(Section):
         for name in ("sft", "prompts", "eval_prompts"):
             if getattr(self, name).source is None and not (name == "prompts" and self.rated.source):
                 raise ValueError(
-                    f"data.{name}.source must be set (only data.preferences.source and data.rated.source "
-                    "may be null; data.prompts.source with data.rated.source)"
+                    f"data.{name}.source must be set (only data.preferences.source, data.unpaired.source "
+                    "and data.rated.source may be null; data.prompts.source with data.rated.source)"
                 )
+        if self.unpaired.format not in UNPAIRED_FORMATS:
+            raise ValueError(
+                f"data.unpaired.format: {self.unpaired.format!r} has no unpaired (labelled) rows; "
+                f"use one of {', '.join(UNPAIRED_FORMATS)}"
+            )
         return self
 
 
@@ -510,6 +523,35 @@ class RewardModelParams(TrainParams):
         return value
 
 
+class UnpairedParams(Section):
+    label: Literal["quantile", "threshold", "verifier"] = Field(
+        "quantile",
+        description="How a scored sample gets its KTO label: quantile (relative to its prompt's other "
+        "samples: the top q desirable, the bottom q undesirable, the middle and ties across it dropped), "
+        "threshold (reward >= threshold is desirable, below undesirable) or verifier (the built-in "
+        "task's verifier passes every constraint: desirable; built-in prompts only).",
+    )
+    quantile: Annotated[float, Field(gt=0, le=0.5)] = Field(
+        0.5,
+        description="label quantile: the fraction q of each prompt's samples labelled desirable (top) "
+        "and undesirable (bottom), by percentile rank; 0.5 labels every sample not tied at the median.",
+    )
+    threshold: float | None = Field(
+        None,
+        description="label threshold: the reward at or above which a sample is desirable (no default: "
+        "it depends on the reward's scale).",
+    )
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> UnpairedParams:
+        if self.label == "threshold" and self.threshold is None:
+            raise ValueError(
+                "label 'threshold' needs pairs.unpaired.threshold (the reward at or above which a sample "
+                "is desirable)"
+            )
+        return self
+
+
 class PairsParams(Section):
     strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = Field(
         "best_vs_worst",
@@ -532,7 +574,9 @@ class PairsParams(Section):
         False, description="Keep completions cut by generate.max_new_tokens (false: leave them out)."
     )
     min_chosen_reward: float | None = Field(
-        None, description="Drop pairs whose chosen completion scores below this (null: off)."
+        None,
+        description="Drop pairs whose chosen completion scores below this, and desirable unpaired "
+        "examples that do (null: off).",
     )
     max_length_ratio: Annotated[float, Field(ge=1)] | None = Field(
         None,
@@ -543,6 +587,12 @@ class PairsParams(Section):
         0.1, description="Fraction of prompts whose pairs are held out as eval pairs."
     )
     seed: int = Field(0, description="Seed of the random choices (best_vs_random) and of the eval split.")
+    unpaired: UnpairedParams = Field(
+        UnpairedParams(),
+        description="Unpaired (KTO) examples from the same scored samples, written to data/unpaired "
+        "(always; dpo.loss_type chooses what trains). allow_truncated, max_similarity and "
+        "min_chosen_reward apply too.",
+    )
 
 
 class RefLogpsParams(Section):

@@ -1,8 +1,9 @@
 """The ``prepare`` stage: every data source to conversational parquet files.
 
 Writes ``sft.parquet``, ``prompts.parquet``, ``eval_prompts.parquet`` (and
-``preferences.parquet`` when the user brings pairs) into one folder, atomically,
-plus a metrics file with row counts and what was dropped. ``rated.parquet`` is always there:
+``preferences.parquet`` when the user brings pairs, ``unpaired.parquet`` when they bring
+labelled single completions for KTO) into one folder, atomically, plus a metrics file with
+row counts and what was dropped. ``rated.parquet`` is always there:
 the completions of a rated set (``data.rated``; its prompts are then ``prompts.parquet``) with
 their rewards, or no rows, which tells ``generate`` to sample and ``score`` to score as usual.
 """
@@ -28,7 +29,7 @@ from alignpipe.data.readers import is_builtin
 from alignpipe.params import DataParams, SourceParams
 
 BUILTIN = "builtin:verifiable-instructions"
-Kind = Literal["sft", "prompts", "preferences"]
+Kind = Literal["sft", "prompts", "preferences", "unpaired"]
 Row = dict[str, Any]
 # output file -> (params field, converter kind, built-in split, schema)
 OUTPUTS: dict[str, tuple[str, Kind, str | None, Any]] = {
@@ -38,6 +39,12 @@ OUTPUTS: dict[str, tuple[str, Kind, str | None, Any]] = {
     "preferences": ("preferences", "preferences", None, schema.PREFERENCES),
     # evaluate.preferences: a held-out preference split (pairs writes it to data/pairs/test.parquet)
     "eval_preferences": ("evaluate.preferences", "preferences", None, schema.PREFERENCES),
+    "unpaired": ("unpaired", "unpaired", None, schema.UNPAIRED_PREPARED),
+}
+WHAT = {
+    "preferences": "preference pairs",
+    "evaluate.preferences": "preference pairs",
+    "unpaired": "unpaired (labelled) examples",
 }
 
 
@@ -66,7 +73,7 @@ def load_rows(
         if source.source != BUILTIN:
             raise DataError(f"{key}.source: unknown built-in '{source.source}' (known: {BUILTIN})")
         if split is None:
-            raise DataError(f"{key}.source: the built-in task has no preference pairs")
+            raise DataError(f"{key}.source: the built-in task has no {WHAT[field]}")
         sizes = {
             "sft": params.builtin.n_sft,
             "prompts": params.builtin.n_prompts,
@@ -166,6 +173,9 @@ def prepare(
         rows, dropped, fmt = load_rows(name, source, params)
         tables[name] = rows
         metrics[name] = {"source": source.source, "format": fmt, "rows": len(rows), "dropped": dict(dropped)}
+        if name == "unpaired":
+            metrics[name]["desirable"] = sum(r["label"] for r in rows)
+            metrics[name]["undesirable"] = len(rows) - metrics[name]["desirable"]
     check_no_overlap(tables["eval_prompts"], {"prompts": tables["prompts"], "sft": tables["sft"]})
     train = {name: tables[name] for name in ("prompts", "sft", "preferences") if name in tables}
     check_no_overlap(tables.get("eval_preferences", []), train, "evaluate.preferences")

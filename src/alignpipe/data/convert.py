@@ -31,6 +31,7 @@ from alignpipe.data.formats.trl import (
     to_preference_row,
     to_prompt_row,
     to_sft_row,
+    to_unpaired_row,
     trl_rows,
 )
 from alignpipe.data.readers import location_unit, read_source
@@ -54,9 +55,16 @@ __all__ = [
     "to_preference_row",
     "to_prompt_row",
     "to_sft_row",
+    "to_unpaired_row",
 ]
 # The id column of each kind's artifact (alignpipe.artifacts.schema) and its id prefix.
-ID_COLUMNS = {"sft": ("id", "sft"), "prompts": ("prompt_id", "prompt"), "preferences": ("pair_id", "pair")}
+ID_COLUMNS = {
+    "sft": ("id", "sft"),
+    "prompts": ("prompt_id", "prompt"),
+    "preferences": ("pair_id", "pair"),
+    "unpaired": ("example_id", "unpaired"),
+}
+UNPAIRED_FORMATS = ("trl", "hh")  # the formats whose records carry one completion and its label
 
 
 class Reader(Protocol):
@@ -85,6 +93,12 @@ class RecordReader:
 
 def make_reader(fmt: str, kind: Kind, options: FormatOptions, drops: Drops) -> Reader:
     """The reader of format ``fmt`` for ``kind`` rows."""
+    if kind == "unpaired" and fmt not in UNPAIRED_FORMATS:
+        raise DataError(
+            f"format {fmt!r} has no unpaired (labelled) rows; unpaired feedback is read as trl "
+            "(prompt + completion + label, or messages + label) or hh",
+            reason="bad_format",
+        )
     if fmt == "trl":
         return RecordReader(lambda record: trl_rows(record, kind))
     if fmt == "hh":
@@ -225,7 +239,7 @@ class _Collector:
             if rid in self.seen:
                 raise DataError(f"id collision on {rid}; please report this", file=self.source)
             self.seen[rid] = digest
-            extra = {} if self.kind == "preferences" else {"meta": None}
+            extra = {"meta": None} if self.kind in ("sft", "prompts") else {}
             self.rows.append({id_column: rid, **row, **extra})
 
 

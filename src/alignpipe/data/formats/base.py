@@ -12,7 +12,7 @@ from alignpipe.data.formats.pairing import PairStrategy
 
 log = logging.getLogger("alignpipe.data.formats")
 
-Kind = Literal["sft", "prompts", "preferences"]
+Kind = Literal["sft", "prompts", "preferences", "unpaired"]
 OnInvalid = Literal["error", "drop"]
 _MAX_LOGGED_DROPS = 5
 

@@ -11,6 +11,8 @@ Accepted records:
   (messages or HH text); the prompt is their shared beginning. A row that has a ``prompt``
   but whose ``chosen``/``rejected`` hold full conversations (UltraFeedback) is read the same
   way, as TRL's ``maybe_extract_prompt`` does.
+- unpaired preference (KTO): ``prompt`` + ``completion`` + a boolean ``label`` (true:
+  desirable), strings or messages, or ``messages`` ending in the assistant turn + ``label``.
 
 A prompt string that starts with ``Human:`` is read as HH text. Prompts must end with a user
 message; completions are assistant messages with some non-blank content. Contents parsed
@@ -218,6 +220,54 @@ def _preference_row(record: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen_msgs, "rejected": rejected_msgs}
 
 
+def _label(record: Mapping[str, Any]) -> bool:
+    """A KTO label: a boolean (true: desirable); the strings true/false too, as a CSV file holds them."""
+    value = require(record, "label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise DataError(
+        f"expected a boolean (true: desirable, false: undesirable), got {type_name(value)} {value!r}",
+        field="label",
+        reason="bad_label",
+    )
+
+
+def _unpaired_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"prompt", "completion", "label"}`` from TRL's unpaired preference rows (prompt, completion,
+    label; strings or messages) or a ``messages`` conversation ending in the assistant turn + ``label``."""
+    if record.get("messages") is not None:
+        if record.get("completion") is not None:
+            raise DataError(
+                "give either 'messages' or 'prompt' + 'completion', not both",
+                field="completion",
+                reason="ambiguous",
+            )
+        prompt, completion = split_conversation(_conversation(record["messages"], "messages"), "messages")
+    elif record.get("completion") is not None:
+        prompt, completion = (
+            _prompt(require(record, "prompt")),
+            _completion(record["completion"], "completion"),
+        )
+    elif record.get("chosen") is not None or record.get("rejected") is not None:
+        raise DataError(
+            "a preference pair (chosen/rejected) is not unpaired feedback; give it in data.preferences.source, "
+            "or give 'completion' + 'label'",
+            field="chosen" if record.get("chosen") is not None else "rejected",
+            reason="unknown_format",
+        )
+    elif record.get("prompt") is not None:
+        raise DataError(
+            "missing (an unpaired row needs a completion and its label)",
+            field="completion",
+            reason="missing_field",
+        )
+    else:
+        raise unknown_format(record, "'prompt' + 'completion' + 'label', or 'messages' + 'label'")
+    return {"prompt": prompt, "completion": completion, "label": _label(record)}
+
+
 def to_sft_row(record: Mapping[str, Any], where: Where | tuple[str, int | None]) -> dict[str, Any]:
     """``{"prompt", "completion"}`` (message lists) from any SFT-capable format; see the module doc."""
     return located(_sft_row, record, where)
@@ -233,7 +283,12 @@ def to_preference_row(record: Mapping[str, Any], where: Where | tuple[str, int |
     return located(_preference_row, record, where)
 
 
-_TO_ROW = {"sft": _sft_row, "prompts": _prompt_row, "preferences": _preference_row}
+def to_unpaired_row(record: Mapping[str, Any], where: Where | tuple[str, int | None]) -> dict[str, Any]:
+    """``{"prompt", "completion", "label"}``: one completion and its KTO label (true: desirable)."""
+    return located(_unpaired_row, record, where)
+
+
+_TO_ROW = {"sft": _sft_row, "prompts": _prompt_row, "preferences": _preference_row, "unpaired": _unpaired_row}
 
 
 def trl_rows(record: Mapping[str, Any], kind: str) -> list[Row]:

@@ -1,4 +1,4 @@
-"""The ``pairs`` stage: preference pairs from the N scored samples of each prompt.
+"""Preference pairs from the N scored samples of each prompt (the ``pairs`` stage's pair half).
 
 Filters apply before choosing, so a pair lost to a filter is replaced by the next best one
 that passes (this keeps the most useful pairs):
@@ -28,17 +28,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import random
 import re
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import atomic_path, read_parquet, write_json, write_parquet
 from alignpipe.params import PairsParams
 
 # Filter name -> the param that sets it (for the report and the empty-result error).
@@ -51,7 +48,6 @@ FILTERS: dict[str, str] = {
     "length_ratio": "max_length_ratio",
     "cap": "max_pairs_per_prompt",
 }
-HISTOGRAM_BINS = 20
 _TOKEN = re.compile(r"\w+|[^\w\s]")  # words and single punctuation marks, for the similarity filter
 
 
@@ -217,12 +213,17 @@ def user_pair_rows(preferences: list[dict[str, Any]], prompt_ids: dict[str, str]
     return rows
 
 
+def prompt_order(prompt_ids: Iterable[str], seed: int) -> list[str]:
+    """The distinct prompt ids sorted by hash of (seed, prompt_id): the order the eval split takes from."""
+    return sorted(set(prompt_ids), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+
+
 def eval_prompt_ids(prompt_ids: list[str], eval_fraction: float, seed: int) -> set[str]:
     """The eval prompts: the first round(eval_fraction * n) by hash of (seed, prompt_id).
 
     With eval_fraction > 0 and at least two prompts, eval and train each get at least one.
     """
-    ids = sorted(set(prompt_ids), key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    ids = prompt_order(prompt_ids, seed)
     n_eval = round(eval_fraction * len(ids))
     if eval_fraction > 0 and len(ids) >= 2:
         n_eval = min(max(n_eval, 1), len(ids) - 1)
@@ -296,95 +297,3 @@ def _distribution(name: str, values: list[float]) -> dict[str, float | None]:
     if not values:
         return {f"{name}_mean": None, f"{name}_min": None, f"{name}_max": None}
     return {f"{name}_mean": statistics.fmean(values), f"{name}_min": min(values), f"{name}_max": max(values)}
-
-
-def histogram(values: list[float], bins: int = HISTOGRAM_BINS) -> list[dict[str, float | int]]:
-    """Histogram rows ``{"bin": x, "count": n}``, ``x`` ascending.
-
-    At most ``bins`` distinct values (the builtin reward: 0, 1/2, 1): one row per value.
-    Otherwise ``bins`` equal-width bins over [min, max], ``x`` the bin centre, empty bins included.
-    """
-    distinct = sorted(set(values))
-    if len(distinct) <= bins:
-        counts = Counter(values)
-        return [{"bin": v, "count": counts[v]} for v in distinct]
-    lo, hi = distinct[0], distinct[-1]
-    width = (hi - lo) / bins
-    counts = Counter(min(int((v - lo) / width), bins - 1) for v in values)
-    return [{"bin": round(lo + (i + 0.5) * width, 6), "count": counts[i]} for i in range(bins)]
-
-
-def write_histogram(rows: list[dict[str, float | int]], path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("bin,count\n" + "".join(f"{r['bin']},{r['count']}\n" for r in rows))
-
-
-def pairs(
-    scored_path: str | os.PathLike,
-    prompts_path: str | os.PathLike,
-    prepared_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    report_path: str | os.PathLike,
-    plots_dir: str | os.PathLike,
-    params: PairsParams,
-    reward: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Run the stage: read, build pairs, write ``out_dir/{train,eval}.parquet``, report and plots.
-
-    ``reward``: which reward scored the samples (``reward_name``, ``reward_hash``), kept in the report."""
-    scored = read_parquet(scored_path, schema.SCORED)
-    prompts = read_parquet(prompts_path, schema.PROMPTS)
-    prefs_path = Path(prepared_dir) / "preferences.parquet"
-    preferences = read_parquet(prefs_path, schema.PREFERENCES) if prefs_path.exists() else []
-    train, evals, report = build_pairs(scored, prompts, preferences, params)
-    report |= reward or {}
-    test_path = Path(prepared_dir) / "eval_preferences.parquet"  # evaluate.preferences, never trained on
-    test = user_pair_rows(read_parquet(test_path, schema.PREFERENCES), {}) if test_path.exists() else []
-    report["pairs_test"] = len(test)
-    with atomic_path(out_dir) as tmp:
-        write_parquet(train, tmp / "train.parquet", schema.PAIRS)
-        write_parquet(evals, tmp / "eval.parquet", schema.PAIRS)
-        write_parquet(test, tmp / "test.parquet", schema.PAIRS)  # no rows without evaluate.preferences
-    write_json(report, report_path)
-    write_histogram(histogram([float(r["reward"]) for r in scored]), Path(plots_dir) / "rewards.csv")
-    margins = [r["margin"] for r in train + evals if r["margin"] is not None]
-    write_histogram(histogram(margins), Path(plots_dir) / "margins.csv")
-    removed = ", ".join(f"{k}={v}" for k, v in report["removed"].items() if v) or "none"
-    print(
-        f"pairs: {report['pairs_train']} train + {report['pairs_eval']} eval pairs "
-        f"({report['pairs_generated']} generated, {report['pairs_user']} user) from "
-        f"{report['prompts_in']} prompts; removed: {removed}",
-        flush=True,
-    )
-    return report
-
-
-@dataclass(frozen=True)
-class PairsPaths:
-    """Where the stage reads and writes (``dvc.yaml`` passes them on the command line)."""
-
-    scored: Path
-    prompts: Path
-    prepared: Path
-    out_dir: Path
-    report: Path
-    plots_dir: Path
-    score_report: Path | None = None  # reports/score.json: the reward's name and version hash
-
-
-def run(params: PairsParams, paths: PairsPaths) -> dict[str, Any]:
-    """The stage: preference pairs from the scored samples; returns the report."""
-    reward = None
-    if paths.score_report is not None:
-        scored_with = json.loads(paths.score_report.read_text())
-        reward = {"reward_name": scored_with.get("reward"), "reward_hash": scored_with.get("reward_hash")}
-    return pairs(
-        paths.scored,
-        paths.prompts,
-        paths.prepared,
-        paths.out_dir,
-        paths.report,
-        paths.plots_dir,
-        params,
-        reward,
-    )
