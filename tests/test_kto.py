@@ -3,20 +3,26 @@ mismatches, and the dpo stage training with ``dpo.loss_type: kto`` (metrics, res
 
 from __future__ import annotations
 
+import csv
+import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import alignpipe.dpo.kto as kto_module
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.artifacts.io import ArtifactError, read_parquet, write_parquet
 from alignpipe.artifacts.pairs import PairDataError
 from alignpipe.artifacts.unpaired import UnpairedScores, kl_partners
 from alignpipe.core.chat import encode_completion
 from alignpipe.core.logprobs import load_reference, sequence_logps, shares_prompt
 from alignpipe.core.models import load_tokenizer
-from alignpipe.params import RefLogpsParams
+from alignpipe.dpo.stage import run_dpo
+from alignpipe.params import DpoParams, Params, ParamsError, RefLogpsParams, validate
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.testing import pair_row, unpaired_row
 
@@ -88,3 +94,135 @@ def test_ref_logps_without_unpaired_examples_writes_an_empty_file(tiny_model_dir
     out = ref_logps(tiny_model_dir, tmp_path)  # no tmp_path/unpaired folder
     assert read_parquet(out, schema.REF_LOGPS_UNPAIRED) == []
     assert len(UnpairedScores.read(out)) == 0
+
+
+# --- training -----------------------------------------------------------------------------------
+
+N_TRAIN = 8  # 4 prompts x 2: labels alternate, 4 desirable and 4 undesirable
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("kto")
+    write_data(root, N_TRAIN, 4)
+    ref = ref_logps(tiny_model_dir, root)
+    return SimpleNamespace(root=root, model=tiny_model_dir, ref=ref)
+
+
+def train(env, tmp_path: Path, name: str, **overrides) -> tuple[dict, Path]:
+    settings = dict(
+        LENGTHS, loss_type="kto", batch_size=4, learning_rate=1e-3, lr_scheduler="constant", dtype="float32",
+        logging_steps=1, eval_steps=100, save_steps=100, max_steps=2,
+    )  # fmt: skip
+    params = DpoParams(**{**settings, **overrides})
+    run = tmp_path / name
+    summary = run_dpo(
+        env.model, env.root / "pairs", env.root / "ref.parquet", run / "models" / "dpo", run / "checkpoints",
+        run / "reports", params, unpaired=(env.root / "unpaired", env.ref),
+    )  # fmt: skip
+    return summary, run
+
+
+def history(run: Path, metric: str) -> list[float]:
+    with (run / "reports" / "plots" / "metrics" / f"{metric}.tsv").open() as f:
+        return [float(row[metric.split("/")[-1]]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "models" / "dpo" / "model.safetensors"))
+
+
+def test_first_step_at_policy_equal_reference_and_trl_metric_names(env, tmp_path):
+    """Step 1: every log-ratio and the KL point are 0, so the loss is half the mean weight; then the
+    desirable rewards rise above the undesirable ones."""
+    summary, run = train(env, tmp_path, "a", max_steps=6, batch_size=8, eval_steps=6,
+                         desirable_weight=1.5, undesirable_weight=0.5)  # fmt: skip
+    assert history(run, "loss")[0] == pytest.approx(0.5 * (1.5 * 4 + 0.5 * 4) / 8, abs=1e-6)
+    assert history(run, "kl")[0] == pytest.approx(0.0, abs=1e-6)
+    assert history(run, "rewards/chosen")[0] == pytest.approx(0.0, abs=1e-5)
+    ref = UnpairedScores.read(env.ref)
+    labels = [r["label"] for r in read_parquet(env.root / "unpaired" / "train.parquet", schema.UNPAIRED)]
+    desirable = [v for v, lab in zip(ref.logps[:N_TRAIN].tolist(), labels, strict=True) if lab]
+    assert history(run, "logps/chosen")[0] == pytest.approx(sum(desirable) / len(desirable), abs=1e-4)
+    metrics = json.loads((run / "reports" / "metrics.json").read_text())
+    assert {"loss", "kl", "rewards", "logps", "grad_norm", "examples_per_s", "tokens_per_s"} <= set(metrics)
+    assert set(metrics["rewards"]) == {"chosen", "rejected", "margins"}
+    assert set(metrics["eval"]) == {"loss", "kl", "rewards", "logps"}
+    assert metrics["rewards"]["margins"] > 0 and metrics["eval"]["rewards"]["margins"] > 0  # it learned
+    assert summary["train_examples"] == N_TRAIN and summary["steps"] == 6
+
+
+def test_precomputed_and_live_reference_give_the_same_losses(env, tmp_path):
+    _, pre = train(env, tmp_path, "pre", max_steps=3)
+    _, live = train(env, tmp_path, "live", max_steps=3, reference="live")
+    for metric in ("loss", "kl"):
+        torch.testing.assert_close(torch.tensor(history(pre, metric)), torch.tensor(history(live, metric)),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    assert history(pre, "kl")[-1] > 0  # the KL point moved off 0 as the policy moved
+
+
+def kill_at(monkeypatch, step: int) -> None:
+    real = kto_module.train_step
+
+    def train_step(run, s, *args):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(run, s, *args)
+
+    monkeypatch.setattr(kto_module, "train_step", train_step)
+
+
+@pytest.mark.parametrize(
+    "peft", [{}, {"enabled": True, "r": 2, "dropout": 0.5}], ids=["full", "lora-dropout"]
+)
+def test_resume_after_a_kill_ends_at_the_same_weights(env, tmp_path, monkeypatch, peft):
+    schedule = dict(max_steps=5, save_steps=2, lr_scheduler="cosine", warmup_ratio=0.2, peft=peft)
+    _, whole = train(env, tmp_path, "whole", **schedule)
+    with monkeypatch.context() as m:
+        kill_at(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(env, tmp_path, "resumed", **schedule)
+    summary, resumed = train(env, tmp_path, "resumed", **schedule)
+    assert summary["resumed_from"] == 2
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert history(resumed, "loss") == history(whole, "loss")
+    if peft:
+        assert (resumed / "models" / "dpo" / "adapter" / "adapter_config.json").exists()
+
+
+def test_apo_zero_unpaired_trains_without_a_kl_point(env, tmp_path):
+    _, run = train(env, tmp_path, "apo", loss_type="apo_zero_unpaired", max_steps=2)
+    assert history(run, "loss")[0] == pytest.approx(0.5, abs=1e-6)  # 1 - sig(0) and sig(0)
+    assert history(run, "kl") == [0.0, 0.0]
+
+
+def test_stale_or_missing_reference_log_probs_fail_with_one_line(env, tmp_path):
+    with pytest.raises(ArtifactError, match="no reference log-probs for example 't0'"):
+        UnpairedScores.empty().write(tmp_path / "empty.parquet")
+        run_dpo(env.model, env.root / "pairs", env.root / "ref.parquet", tmp_path / "o", tmp_path / "c",
+                tmp_path / "r", DpoParams(**LENGTHS, loss_type="kto", dtype="float32"),
+                unpaired=(env.root / "unpaired", tmp_path / "empty.parquet"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("dpo", "match"),
+    [
+        ({"loss_type": ["kto", "sigmoid"]}, "kto is an unpaired loss .* name it alone"),
+        ({"loss_type": ["sigmoid", "apo_zero_unpaired"]}, "apo_zero_unpaired is an unpaired loss"),
+        ({"loss_type": "sigmoid", "desirable_weight": 2.0}, "read by kto and apo_zero_unpaired"),
+        ({"loss_type": "kto", "wpo": True}, "dpo.wpo is for pair losses"),
+        ({"loss_type": "kto", "rpo_alpha": 1.0}, "dpo.rpo_alpha is for pair losses"),
+        ({"loss_type": "kto", "desirable_weight": 0.0, "undesirable_weight": 0.0}, "both 0"),
+        ({"loss_type": "kto", "label_smoothing": 0.1}, "not read by loss_type"),
+    ],
+)
+def test_params_refuse_what_kto_does_not_read(dpo, match):
+    with pytest.raises(ParamsError, match=match):
+        validate(Params, {"dpo": dpo})
+
+
+def test_params_accept_kto_with_weights():
+    p = validate(Params, {"dpo": {"loss_type": "kto", "desirable_weight": 1.33, "reference": "live"}}).dpo
+    assert p.unpaired and p.desirable_weight == 1.33
+    assert not validate(Params, {"dpo": {"loss_type": ["sigmoid", "sft"]}}).dpo.unpaired
