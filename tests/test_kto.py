@@ -226,3 +226,34 @@ def test_params_accept_kto_with_weights():
     p = validate(Params, {"dpo": {"loss_type": "kto", "desirable_weight": 1.33, "reference": "live"}}).dpo
     assert p.unpaired and p.desirable_weight == 1.33
     assert not validate(Params, {"dpo": {"loss_type": ["sigmoid", "sft"]}}).dpo.unpaired
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, tiny_model_dir):
+    """accelerate launch, 2 CPU processes (gloo) of 4 examples against 1 of 8: the KL point is the mean
+    over both processes' mismatched pairs, so losses, KL points and weights agree (tolerance as
+    tests/test_multiprocess.py: rounding of the gradient all-reduce)."""
+    from launch import run_stage, tsv
+
+    write_data(tmp_path, 16, 4)
+    ref = ref_logps(tiny_model_dir, tmp_path)
+    section = dict(LENGTHS, loss_type="kto", learning_rate=1e-3, lr_scheduler="constant", dtype="float32",
+                   logging_steps=1, eval_steps=3, save_steps=100, max_steps=3, gradient_checkpointing=False,
+                   desirable_weight=1.2)  # fmt: skip
+    runs = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"run-{nproc}"
+        paths = {"model": tiny_model_dir, "pairs": tmp_path / "pairs", "ref_logps": tmp_path / "ref.parquet",
+                 "unpaired": tmp_path / "unpaired", "ref_logps_unpaired": ref, "out": run / "out",
+                 "checkpoints": run / "ckpt", "metrics_dir": run / "reports"}  # fmt: skip
+        run_stage(run, "dpo", {"dpo": {**section, "batch_size": 8 // nproc}}, paths, nproc)
+        runs[nproc] = run
+    for key in ("loss", "kl", "grad_norm", "rewards/chosen", "rewards/rejected"):
+        one, two = (tsv(runs[n] / "reports/plots/metrics" / f"{key}.tsv") for n in (1, 2))
+        assert two == pytest.approx(one, rel=1e-5, abs=1e-7), key
+    kl = tsv(runs[1] / "reports/plots/metrics/kl.tsv")
+    assert kl[0] == 0.0 and kl[-1] > 1e-4  # the comparison covers a KL point off its clamp
+    m1, m2 = (json.loads((runs[n] / "reports" / "metrics.json").read_text()) for n in (1, 2))
+    assert m2["eval"]["loss"] == pytest.approx(m1["eval"]["loss"], rel=1e-5)
+    assert m2["eval"]["kl"] == pytest.approx(m1["eval"]["kl"], rel=1e-5, abs=1e-7)
+    w1, w2 = (load_file(str(runs[n] / "out" / "model.safetensors")) for n in (1, 2))
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
