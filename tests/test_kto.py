@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,15 @@ from alignpipe.core.chat import encode_completion
 from alignpipe.core.logprobs import load_reference, sequence_logps, shares_prompt
 from alignpipe.core.models import load_tokenizer
 from alignpipe.dpo.stage import run_dpo
-from alignpipe.params import DpoParams, Params, ParamsError, RefLogpsParams, validate
+from alignpipe.params import (
+    DpoParams,
+    EvaluateParams,
+    Params,
+    ParamsError,
+    RefLogpsParams,
+    RewardParams,
+    validate,
+)
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.testing import pair_row, unpaired_row
 
@@ -257,3 +266,23 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, tiny_model_d
     assert m2["eval"]["kl"] == pytest.approx(m1["eval"]["kl"], rel=1e-5, abs=1e-7)
     w1, w2 = (load_file(str(runs[n] / "out" / "model.safetensors")) for n in (1, 2))
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
+
+
+def test_evaluate_runs_on_a_kto_policy(env, tmp_path):
+    """evaluate reads data/pairs/eval for implicit-reward accuracy whatever the loss; the KTO run's
+    curves have no rewards/accuracies (their panel stays empty)."""
+    from alignpipe.data.builtin import make_items
+    from alignpipe.evaluate.stage import run_evaluate
+
+    _, run = train(env, tmp_path, "policy", max_steps=2)
+    items = make_items("eval", 2, 0)
+    prompts = [{"prompt_id": it.id, "prompt": [{"role": "user", "content": it.instruction}],
+                "meta": json.dumps(it.spec, sort_keys=True)} for it in items]  # fmt: skip
+    write_parquet(prompts, tmp_path / "eval_prompts.parquet", schema.PROMPTS)
+    params = EvaluateParams(backend="hf", max_new_tokens=4, dtype="float32")
+    dpo = DpoParams(**LENGTHS, loss_type="kto")
+    metrics = run_evaluate({"sft": env.model, "dpo": run / "models" / "dpo"}, tmp_path / "eval_prompts.parquet",
+                           env.root / "pairs" / "train.parquet", env.root / "ref.parquet", tmp_path / "reports",
+                           params, RewardParams(), dpo, curves={"dpo": run / "reports" / "plots" / "metrics"})  # fmt: skip
+    assert metrics["pairs"] == 4 and 0 <= metrics["pairs_accuracy"] <= 1 and math.isfinite(metrics["kl"])
+    assert (tmp_path / "reports" / "eval" / "training_curves.png").exists()
