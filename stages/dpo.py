@@ -1,4 +1,5 @@
-"""Stage dpo: preference optimisation of models/sft on the train pairs (see alignpipe.dpo.stage)."""
+"""Stage dpo: preference optimisation of models/sft on the train pairs, or the unpaired examples for
+kto (see alignpipe.dpo.stage)."""
 
 from __future__ import annotations
 

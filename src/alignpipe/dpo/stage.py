@@ -1,4 +1,5 @@
-"""The ``dpo`` stage: preference optimisation of ``models/sft`` on the train pairs.
+"""The ``dpo`` stage: preference optimisation of ``models/sft`` on the train pairs (an unpaired
+``dpo.loss_type``, kto or apo_zero_unpaired: on the unpaired examples, :mod:`alignpipe.dpo.kto`).
 
 The policy is the only model in memory: reference log-probs come from
 ``data/ref_logps.parquet`` unless ``dpo.reference: live`` (TR-DPO, Gorbatovski et al. 2024,
@@ -55,8 +56,6 @@ from alignpipe.training.numerics import Numerics, load_model, reference_scorer
 from alignpipe.training.peft import apply_peft, unquantized_copy
 from alignpipe.training.timed_save import SaveTimer
 
-__all__ = ["DpoPaths", "DpoRun", "LoopOptions", "build_run", "check_loss", "pair_losses", "run", "run_dpo",
-           "train", "train_step"]  # fmt: skip
 DEFAULT_OPTIONS = LoopOptions()
 
 
