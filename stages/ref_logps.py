@@ -18,7 +18,11 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output parquet (schema.REF_LOGPS)")
     parser.add_argument("--metrics", type=Path, help="metrics json (pairs, tokens, truncation, seconds)")
-    parser.add_argument("--unpaired", type=Path, help="folder of unpaired examples (KTO; may be missing)")
+    parser.add_argument(
+        "--unpaired",
+        type=Path,
+        help="folder of unpaired examples (read with ref_logps.unpaired; may be missing)",
+    )
     parser.add_argument("--out-unpaired", type=Path, help="output parquet (schema.REF_LOGPS_UNPAIRED)")
     args = parser.parse_args()
     # of dpo it reads only the tokenization lengths, dtype, peft and reference_free (not loss_type)

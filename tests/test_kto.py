@@ -32,7 +32,8 @@ from alignpipe.params import (
     RewardParams,
     validate,
 )
-from alignpipe.ref_logps import run_ref_logps
+from alignpipe.ref_logps import RefLogpsPaths, RefLogpsSettings, run_ref_logps
+from alignpipe.ref_logps import run as run_ref_logps_stage
 from alignpipe.testing import pair_row, unpaired_row
 
 LENGTHS = {"max_length": 64, "max_prompt_length": 32}
@@ -103,6 +104,19 @@ def test_ref_logps_without_unpaired_examples_writes_an_empty_file(tiny_model_dir
     out = ref_logps(tiny_model_dir, tmp_path)  # no tmp_path/unpaired folder
     assert read_parquet(out, schema.REF_LOGPS_UNPAIRED) == []
     assert len(UnpairedScores.read(out)) == 0
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_the_stage_scores_data_unpaired_only_with_ref_logps_unpaired(tiny_model_dir, tmp_path, on):
+    write_data(tmp_path, 4, 0)
+    settings = RefLogpsSettings(RefLogpsParams(dtype="float32", unpaired=on), DpoParams(**LENGTHS))
+    out = tmp_path / "out.parquet"
+    paths = RefLogpsPaths(
+        tiny_model_dir, tmp_path / "pairs", tmp_path / "ref.parquet", None, tmp_path / "unpaired", out
+    )
+    summary = run_ref_logps_stage(settings, paths)
+    assert len(UnpairedScores.read(out)) == (4 if on else 0)
+    assert summary.get("unpaired_examples") == (4 if on else None)
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -232,9 +246,15 @@ def test_params_refuse_what_kto_does_not_read(dpo, match):
 
 
 def test_params_accept_kto_with_weights():
-    p = validate(Params, {"dpo": {"loss_type": "kto", "desirable_weight": 1.33, "reference": "live"}}).dpo
+    kto = {
+        "dpo": {"loss_type": "kto", "desirable_weight": 1.33, "reference": "live"},
+        "ref_logps": {"unpaired": True},
+    }
+    p = validate(Params, kto).dpo
     assert p.unpaired and p.desirable_weight == 1.33
     assert not validate(Params, {"dpo": {"loss_type": ["sigmoid", "sft"]}}).dpo.unpaired
+    with pytest.raises(ParamsError, match="kto trains on unpaired examples: set ref_logps.unpaired: true"):
+        validate(Params, {"dpo": {"loss_type": "kto"}})
 
 
 def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, tiny_model_dir):
@@ -254,7 +274,8 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, tiny_model_d
         paths = {"model": tiny_model_dir, "pairs": tmp_path / "pairs", "ref_logps": tmp_path / "ref.parquet",
                  "unpaired": tmp_path / "unpaired", "ref_logps_unpaired": ref, "out": run / "out",
                  "checkpoints": run / "ckpt", "metrics_dir": run / "reports"}  # fmt: skip
-        run_stage(run, "dpo", {"dpo": {**section, "batch_size": 8 // nproc}}, paths, nproc)
+        params = {"dpo": {**section, "batch_size": 8 // nproc}, "ref_logps": {"unpaired": True}}
+        run_stage(run, "dpo", params, paths, nproc)
         runs[nproc] = run
     for key in ("loss", "kl", "grad_norm", "rewards/chosen", "rewards/rejected"):
         one, two = (tsv(runs[n] / "reports/plots/metrics" / f"{key}.tsv") for n in (1, 2))

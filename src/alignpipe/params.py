@@ -540,6 +540,12 @@ class RefLogpsParams(Section):
         description="Reference model precision: 'auto' computes as dpo computes its policy (dpo.dtype, "
         "LoRA base dtype, 4-bit base), so the step-1 loss is ln 2; a dtype computes in those weights.",
     )
+    unpaired: bool = Field(
+        False,
+        description="Also score data/unpaired (each example and its KL mismatch) into "
+        "data/ref_logps_unpaired.parquet, which dpo.loss_type kto / apo_zero_unpaired read (false: an "
+        "empty file). Keep it on to sweep between DPO and KTO without rerunning ref_logps.",
+    )
 
 
 class EarlyStopping(Section):
@@ -826,6 +832,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
+        if self.dpo.unpaired and not self.ref_logps.unpaired:
+            raise ValueError(
+                f"dpo.loss_type {self.dpo.loss_type} trains on unpaired examples: set ref_logps.unpaired: "
+                "true (ref_logps then scores data/unpaired)"
+            )
         if self.generate.n < 2 and self.data.preferences.source is None:
             raise ValueError(
                 f"generate.n: {self.generate.n} sample per prompt gives no pairs to compare; "

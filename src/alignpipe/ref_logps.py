@@ -1,10 +1,10 @@
 """The ``ref_logps`` stage: reference (SFT) log-probs of every train and eval pair, cached once.
 
 A sweep over ``dpo.beta`` or ``dpo.loss_type`` reuses them; ``dpo`` then holds no reference model.
-It also scores every unpaired example of ``data/unpaired`` (KTO) and its mismatched KL completion
-(:mod:`alignpipe.artifacts.unpaired`) into ``data/ref_logps_unpaired.parquet``; without unpaired
-examples that file is empty (schema REF_LOGPS_UNPAIRED), so the DAG has the same outputs. It does not
-read ``dpo.loss_type``: a sweep from sigmoid to kto and back reruns only dpo and evaluate.
+With ``ref_logps.unpaired`` (which ``dpo.loss_type: kto`` requires) it also scores every unpaired
+example of ``data/unpaired`` and its mismatched KL completion (:mod:`alignpipe.artifacts.unpaired`)
+into ``data/ref_logps_unpaired.parquet``; otherwise, or without unpaired examples, that file is empty
+(schema REF_LOGPS_UNPAIRED), so the DAG has the same outputs. It does not read ``dpo.loss_type``.
 They go through the same path as the live reference of ``dpo`` (:func:`alignpipe.core.logprobs.load_reference`
 and :func:`~alignpipe.core.logprobs.pair_scores`), in length-sorted padding-free batches.
 """
@@ -137,8 +137,8 @@ class RefLogpsPaths:
     pairs: Path
     out: Path
     metrics: Path | None = None  # pairs, tokens, truncation, seconds
-    unpaired: Path | None = None  # data/unpaired: read when dpo.loss_type is unpaired
-    out_unpaired: Path | None = None  # schema REF_LOGPS_UNPAIRED; empty unless dpo.loss_type is unpaired
+    unpaired: Path | None = None  # data/unpaired: read with ref_logps.unpaired (KTO)
+    out_unpaired: Path | None = None  # schema REF_LOGPS_UNPAIRED; empty without ref_logps.unpaired
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ def run(params: RefLogpsSettings, paths: RefLogpsPaths) -> dict[str, Any]:
     dpo = params.dpo
     if paths.unpaired is not None and paths.out_unpaired is None:
         raise ValueError("--unpaired needs --out-unpaired (where its reference log-probs go)")
-    unpaired = None if paths.out_unpaired is None else (paths.unpaired, paths.out_unpaired)
+    folder = paths.unpaired if params.ref_logps.unpaired else None  # None: an empty file
+    unpaired = None if paths.out_unpaired is None else (folder, paths.out_unpaired)
     return run_ref_logps(
         paths.model,
         paths.pairs,
