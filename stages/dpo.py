@@ -1,4 +1,5 @@
-"""Stage dpo: preference optimisation of models/sft on the train pairs (see alignpipe.dpo.stage)."""
+"""Stage dpo: preference optimisation of models/sft on the train pairs, or the unpaired examples for
+kto (see alignpipe.dpo.stage)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ def main() -> None:
         "--pairs", type=Path, required=True, help="folder with train.parquet and eval.parquet"
     )
     parser.add_argument("--ref-logps", type=Path, required=True, help="reference log-probs (ref_logps stage)")
+    parser.add_argument("--unpaired", type=Path, help="folder of unpaired examples (kto, apo_zero_unpaired)")
+    parser.add_argument("--ref-logps-unpaired", type=Path, help="their reference log-probs (ref_logps stage)")
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (persist)")
     parser.add_argument(
         "--metrics-dir", type=Path, required=True, help="DVCLive folder (metrics.json, plots)"
     )
     args = parser.parse_args()
-    paths = DpoPaths(args.model, args.pairs, args.ref_logps, args.out, args.checkpoints, args.metrics_dir)
+    paths = DpoPaths(args.model, args.pairs, args.ref_logps, args.out, args.checkpoints, args.metrics_dir,
+                     args.unpaired, args.ref_logps_unpaired)  # fmt: skip
     run(load_section("dpo"), paths)
 
 

@@ -18,10 +18,17 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output parquet (schema.REF_LOGPS)")
     parser.add_argument("--metrics", type=Path, help="metrics json (pairs, tokens, truncation, seconds)")
+    parser.add_argument(
+        "--unpaired",
+        type=Path,
+        help="folder of unpaired examples (read with ref_logps.unpaired; may be missing)",
+    )
+    parser.add_argument("--out-unpaired", type=Path, help="output parquet (schema.REF_LOGPS_UNPAIRED)")
     args = parser.parse_args()
-    # of dpo it reads only dpo.max_length, dpo.max_prompt_length (the tokenization) and dpo.reference_free
+    # of dpo it reads only the tokenization lengths, dtype, peft and reference_free (not loss_type)
     settings = RefLogpsSettings(load_section("ref_logps"), load_section("dpo"))
-    run(settings, RefLogpsPaths(args.model, args.pairs, args.out, args.metrics))
+    paths = RefLogpsPaths(args.model, args.pairs, args.out, args.metrics, args.unpaired, args.out_unpaired)
+    run(settings, paths)
 
 
 if __name__ == "__main__":

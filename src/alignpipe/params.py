@@ -69,6 +69,10 @@ REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})  # they read no refe
 SORTED_ROW_LOSSES = frozenset({"aot", "aot_unpaired"})  # rows are batch quantiles: no per-pair weights
 LOSS_OPTION_NAMES = ("bco_delta", "discopop_tau", "simpo_gamma", "orpo_lambda")  # keys of dpo.loss_options
 UNPAIRED_FORMATS = ("auto", "trl", "hh")  # the formats with unpaired rows (data.unpaired.format)
+# The unpaired losses of ``alignpipe.core.kto.UNPAIRED_LOSSES``: they train on data/unpaired (one labelled
+# completion per example), so they are named alone, never in a list with the pair losses above.
+UnpairedLossName = Literal["kto", "apo_zero_unpaired"]
+UNPAIRED_LOSSES = frozenset(typing.get_args(UnpairedLossName))
 
 
 class ParamsError(ValueError):
@@ -602,6 +606,12 @@ class RefLogpsParams(Section):
         description="Reference model precision: 'auto' computes as dpo computes its policy (dpo.dtype, "
         "LoRA base dtype, 4-bit base), so the step-1 loss is ln 2; a dtype computes in those weights.",
     )
+    unpaired: bool = Field(
+        False,
+        description="Also score data/unpaired (each example and its KL mismatch) into "
+        "data/ref_logps_unpaired.parquet, which dpo.loss_type kto / apo_zero_unpaired read (false: an "
+        "empty file). Keep it on to sweep between DPO and KTO without rerunning ref_logps.",
+    )
 
 
 class EarlyStopping(Section):
@@ -643,11 +653,20 @@ class DpoParams(TrainParams):
         description="LoRA instead of full fine-tuning (merged at the end; the adapter is kept), or QLoRA "
         "(load_in_4bit: the reference log-probs then come from the same 4-bit base).",
     )
-    loss_type: LossName | list[LossName] = Field(
+    loss_type: LossName | UnpairedLossName | list[LossName | UnpairedLossName] = Field(
         "sigmoid",
         description="The preference loss: 'sigmoid' is DPO; others: hinge, ipo, robust, exo_pair, "
         "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, "
-        "simpo, orpo, sft. A list mixes several, weighted by loss_weights (MPO).",
+        "simpo, orpo, sft. A list mixes several, weighted by loss_weights (MPO). 'kto' and "
+        "'apo_zero_unpaired' train on the unpaired examples (data/unpaired) and are named alone.",
+    )
+    desirable_weight: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="kto, apo_zero_unpaired: weight of the desirable examples' losses (TRL's name); "
+        "KTO suggests desirable_weight x n_desirable / (undesirable_weight x n_undesirable) in [1, 4/3].",
+    )
+    undesirable_weight: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="kto, apo_zero_unpaired: weight of the undesirable examples' losses (TRL's name)."
     )
     loss_weights: list[float] | None = Field(
         None, description="Weights of a loss_type list, one per entry (null: all 1)."
@@ -722,9 +741,15 @@ class DpoParams(TrainParams):
         if isinstance(value, list | tuple) and not value:
             raise ValueError("name at least one loss")
         names = [value] if isinstance(value, str) else value if isinstance(value, list | tuple) else []
+        valid = [*LOSS_OPTIONS, *sorted(UNPAIRED_LOSSES)]
         for name in names:
-            if isinstance(name, str) and name not in LOSS_OPTIONS:
-                raise ValueError(f"unknown loss_type {name!r} ({_hint(name, list(LOSS_OPTIONS))})")
+            if isinstance(name, str) and name not in valid:
+                raise ValueError(f"unknown loss_type {name!r} ({_hint(name, valid)})")
+        unpaired = [n for n in names if n in UNPAIRED_LOSSES]
+        if unpaired and len(names) > 1:
+            raise ValueError(
+                f"{unpaired[0]} is an unpaired loss (data/unpaired): name it alone, not in a list with {names}"
+            )
         return value
 
     @field_validator("loss_weights")
@@ -745,7 +770,7 @@ class DpoParams(TrainParams):
         if "loss_type" not in info.data:
             return value
         types = _loss_list(info.data["loss_type"])
-        if value != 0.0 and not any("label_smoothing" in LOSS_OPTIONS[t] for t in types):
+        if value != 0.0 and not any("label_smoothing" in LOSS_OPTIONS.get(t, ()) for t in types):
             users = [n for n, o in LOSS_OPTIONS.items() if "label_smoothing" in o]
             raise ValueError(
                 f"not read by loss_type {types}; only {', '.join(users)} read it (set it to 0.0)"
@@ -766,7 +791,7 @@ class DpoParams(TrainParams):
     @classmethod
     def _options(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
         types = _loss_list(info.data.get("loss_type", []))
-        read = set().union(*(LOSS_OPTIONS[t] for t in types))
+        read = set().union(*(LOSS_OPTIONS.get(t, frozenset()) for t in types))
         for name, option in value.items():
             if name == "label_smoothing":
                 raise ValueError("set label_smoothing as dpo.label_smoothing, not in dpo.loss_options")
@@ -794,7 +819,36 @@ class DpoParams(TrainParams):
             )
         if self.reference_free and self.reference == "live":
             raise ValueError("dpo.reference_free needs no reference model; set dpo.reference: precomputed")
+        self._check_unpaired(types)
         return self
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether ``loss_type`` is an unpaired loss (kto, apo_zero_unpaired): dpo trains on data/unpaired."""
+        return _loss_list(self.loss_type)[0] in UNPAIRED_LOSSES
+
+    def _check_unpaired(self, types: list[str]) -> None:
+        """The unpaired losses read their weights; the pair-only knobs and they exclude each other."""
+        if types[0] not in UNPAIRED_LOSSES:
+            if (self.desirable_weight, self.undesirable_weight) != (1.0, 1.0):
+                raise ValueError(
+                    f"dpo.desirable_weight / undesirable_weight are read by kto and apo_zero_unpaired, "
+                    f"not by loss_type {types}"
+                )
+            return
+        pair_only = {
+            "dpo.wpo": self.wpo,
+            "dpo.rpo_alpha": self.rpo_alpha is not None,
+            "dpo.reference_free": self.reference_free,
+            "dpo.early_stopping.metric: accuracy": self.early_stopping.metric == "accuracy",
+        }
+        for name, on in pair_only.items():
+            if on:
+                raise ValueError(
+                    f"{name} is for pair losses; loss_type {types[0]} trains on unpaired examples"
+                )
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ValueError("dpo.desirable_weight and undesirable_weight are both 0: nothing to train")
 
 
 class GateParams(Section):
@@ -888,6 +942,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
+        if self.dpo.unpaired and not self.ref_logps.unpaired:
+            raise ValueError(
+                f"dpo.loss_type {self.dpo.loss_type} trains on unpaired examples: set ref_logps.unpaired: "
+                "true (ref_logps then scores data/unpaired)"
+            )
         if self.generate.n < 2 and self.data.preferences.source is None and self.data.rated.source is None:
             raise ValueError(
                 f"generate.n: {self.generate.n} sample per prompt gives no pairs to compare; "

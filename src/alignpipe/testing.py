@@ -120,3 +120,22 @@ def pair_row(i: int, prefix: str = "p", prompt_id: str | None = None) -> dict:
         "margin": 1.0,
         "source": "generated",
     }
+
+
+def unpaired_row(i: int, label: bool | None = None, prompt_id: str | None = None, prefix: str = "u") -> dict:
+    """Row ``i`` of a tiny unpaired table (schema UNPAIRED): two completions per prompt (q0, q0, q1, ...),
+    labels alternating desirable / undesirable unless given."""
+    return {
+        "example_id": f"{prefix}{i}",
+        "prompt_id": prompt_id if prompt_id is not None else f"q{i // 2}",
+        "prompt": [{"role": "user", "content": "hello world " * (1 + (i // 2) % 3)}],
+        "completion": [
+            {
+                "role": "assistant",
+                "content": ("the quick brown fox " if i % 2 == 0 else "lazy dog") + " x" * i,
+            }
+        ],
+        "label": label if label is not None else i % 2 == 0,
+        "reward": float(i % 2 == 0),
+        "source": "generated",
+    }
