@@ -31,11 +31,7 @@ from alignpipe.core.logprobs import (
     pair_logps,
     shares_prompt,
 )
-from alignpipe.core.models import (
-    enable_activation_checkpointing,
-    load_tokenizer,
-    seed_everything,
-)
+from alignpipe.core.models import enable_activation_checkpointing, load_tokenizer, seed_everything
 from alignpipe.core.objective import combined_loss, preference_loss
 from alignpipe.core.progress import Timer
 from alignpipe.core.router import router_weight
@@ -78,6 +74,7 @@ class LoopOptions:
     data_order: Literal["length_grouped", "file"] = "length_grouped"
     shared_prompt: bool = True  # pairs run their prompt once where the model allows it
     fused_adamw: bool = True
+    completion_head: bool = True  # the LM head only on positions that predict a completion token
 
 
 @dataclass
@@ -336,13 +333,16 @@ def build_run(
     model = load_model(model_dir, numerics, acc.device)  # the ref_logps stage loads the same way
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    scorer = CompletionScorer(apply_peft(model, params.peft)).train()
+    scorer = CompletionScorer(apply_peft(model, params.peft), head_all_positions=not options.completion_head)
+    scorer.train()
     router = router_weight(scorer.causal_lm.config, params.router_aux_loss_coef)
     scorer.route = router > 0
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
     ref = reference_scorer(model_dir, numerics, acc.device) if params.reference == "live" else None
+    if ref is not None:
+        ref.head_all_positions = not options.completion_head
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
     share = share and options.shared_prompt
