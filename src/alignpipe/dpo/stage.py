@@ -345,7 +345,7 @@ def build_run(
         ref.head_all_positions = not options.completion_head
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
-    share = share and options.shared_prompt
+    share = share and options.shared_prompt and params.padding_free  # shared prompts live in packed rows
     optimizer = build_optimizer(scorer, params, fused=options.fused_adamw)
     global_size = params.batch_size * params.grad_accum * acc.num_processes
     per_epoch = steps_per_epoch(len(train_data), global_size, params.grad_accum * acc.num_processes)
