@@ -34,21 +34,9 @@ MODES = ("fp32", "bf16_autocast", "bf16_pure")
 def _bench_module() -> Any:
     spec = importlib.util.spec_from_file_location("dpo_throughput", HERE / "dpo_throughput.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("dpo_throughput", module)
+    sys.modules["dpo_throughput"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """The best of ``repeats`` timings of an n x n @ n x n matmul, in GFLOP/s (2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def step_seconds(model: Any, ids: torch.Tensor, mode: str) -> float:
@@ -64,6 +52,7 @@ def step_seconds(model: Any, ids: torch.Tensor, mode: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="a shape of bench/dpo_throughput.py")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -72,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     bench = _bench_module()
-    tokenizer = bench.bench_tokenizer("smollm2-135m")
+    tokenizer = bench.bench_tokenizer(args.model)
     models = {}
     for mode in modes:
-        model = bench.build_model("smollm2-135m", tokenizer, seed=0)
+        model = bench.build_model(args.model, tokenizer, seed=0)
         models[mode] = model.to(torch.bfloat16) if mode == "bf16_pure" else model
     torch.manual_seed(0)
     ids = torch.randint(0, len(tokenizer), (args.batch, args.seq))
@@ -87,12 +76,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for mode in modes:
             times[mode].append(step_seconds(models[mode], ids, mode))
     load.append(os.getloadavg())
-    peak = {str(d).removeprefix("torch."): matmul_gflops(d) for d in (torch.float32, torch.bfloat16)}
+    peak = {str(d).removeprefix("torch."): bench.matmul_gflops(d) for d in (torch.float32, torch.bfloat16)}
     fp32 = statistics.median(times["fp32"]) if "fp32" in times else None
     result = dict(
         date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"), machine=platform.node(),
         cpu_capability=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
-        threads=torch.get_num_threads(), shape="smollm2-135m", batch=args.batch, seq=args.seq,
+        threads=torch.get_num_threads(), shape=args.model, batch=args.batch, seq=args.seq,
         repeats=args.repeats, load_average=load, matmul_gflops_1024=peak,
         modes={m: dict(median_s=statistics.median(t), min_s=min(t), max_s=max(t), runs=t,
                        speedup_vs_fp32=(fp32 / statistics.median(t)) if fp32 else None)

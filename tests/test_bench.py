@@ -160,3 +160,20 @@ def test_ratio_line_uses_medians_against_each_anchor_and_max_step_gap(bench):
         "max_loss_diff_vs_trl_tuned"
     ] == pytest.approx(0.05)
     assert bench.ratio_line(runs[:1], parity=False) is None
+
+
+def test_dtype_benchmark_times_every_mode_and_both_matmul_peaks(tmp_path):
+    spec = importlib.util.spec_from_file_location("dtype_cpu", SCRIPT.parent / "dtype_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "dtype.json"
+    result = module.main(
+        ["--model", "tiny", "--batch", "1", "--seq", "16", "--repeats", "2", "--json-out", str(out)]
+    )
+    assert set(result["modes"]) == {"fp32", "bf16_autocast", "bf16_pure"}
+    assert all(
+        len(m["runs"]) == 2 and m["min_s"] <= m["median_s"] <= m["max_s"] for m in result["modes"].values()
+    )
+    assert result["modes"]["fp32"]["speedup_vs_fp32"] == 1.0
+    assert set(result["matmul_gflops_1024"]) == {"float32", "bfloat16"}
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
