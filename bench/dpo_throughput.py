@@ -315,8 +315,9 @@ def placeholder_scores(pairs: list[EncodedPair]) -> Any:
 def run_ours(settings: dict[str, Any], workdir: Path, row: Row, run_dir: Path) -> dict[str, Any]:
     """Reference pass (timed) then the DPO loop (timed); the reference model is freed in between."""
     import alignpipe.dpo.stage as dpo
-    from alignpipe.core.logprobs import load_reference, pair_scores
+    from alignpipe.core.logprobs import pair_scores
     from alignpipe.core.models import load_tokenizer
+    from alignpipe.training.numerics import Numerics, reference_scorer
 
     s, device, off = settings, torch.device(settings["device"]), row.ablated
     dtype = row.dtype or s["dtype"]
@@ -332,12 +333,14 @@ def run_ours(settings: dict[str, Any], workdir: Path, row: Row, run_dir: Path) -
     pairs = encoded(s, workdir, tokenizer)
     options = loop_options(s, row)
     ref_seconds = 0.0
-    if params.reference == "precomputed":
-        reference = load_reference(s["model_dir"], dtype, device)
+    if params.reference == "precomputed":  # as the ref_logps stage: the reference computes as the policy
+        numerics = Numerics.of_policy(dtype, params.peft.enabled, params.peft.load_in_4bit, device)
+        reference = reference_scorer(s["model_dir"], numerics, device)
         reference.head_all_positions = not options.completion_head
         start = time.perf_counter()
-        scores = pair_scores(reference, pairs, params.batch_size, tokenizer.pad_token_id, params.padding_free,
-                             share_prompt=options.shared_prompt)  # fmt: skip
+        with numerics.context(device):
+            scores = pair_scores(reference, pairs, params.batch_size, tokenizer.pad_token_id,
+                                 params.padding_free, share_prompt=options.shared_prompt)  # fmt: skip
         ref_seconds = sync_time(device) - start
         del reference
     else:

@@ -177,3 +177,13 @@ def test_dtype_benchmark_times_every_mode_and_both_matmul_peaks(tmp_path):
     assert result["modes"]["fp32"]["speedup_vs_fp32"] == 1.0
     assert set(result["matmul_gflops_1024"]) == {"float32", "bfloat16"}
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+
+def test_a_bf16_row_computes_its_reference_as_its_policy(bench):
+    """ours_bf16: fp32 master weights under bf16 autocast, and the reference pass the same way (as the
+    ref_logps stage does), so the step-1 loss is ln 2; a bf16-weights reference is not."""
+    argv = ["--model", "tiny", "--pairs", "4", "--batch-size", "2", "--max-length", "96", "--device", "cpu",
+            "--in-process", "--rows", "ours_bf16"]  # fmt: skip
+    run = bench.main(argv)[0]
+    assert run["dtype"] == "bfloat16"
+    assert run["loss_step1"] == pytest.approx(math.log(2), abs=1e-6)
