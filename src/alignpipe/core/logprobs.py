@@ -272,9 +272,8 @@ class CompletionScorer(nn.Module):
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         if not self.head_all_positions:  # only the positions that predict a completion token
             return self._head(flat[predict_index], target_ids, aligned)
-        targets = torch.zeros(flat.shape[0], dtype=target_ids.dtype, device=flat.device)
-        logps, wpo = self._head(flat, targets.index_put((predict_index,), target_ids), aligned)
-        return logps[predict_index], (wpo[predict_index] if aligned else None)
+        # the ablation: the head over every position (as a plain implementation), then the scored rows
+        return self._chunk(flat, target_ids, aligned, predict_index)
 
     def _head(self, hidden: Tensor, targets: Tensor, aligned: bool) -> tuple[Tensor, Tensor | None]:
         c = max(1, self.logit_budget // self.causal_lm.config.get_text_config().vocab_size)  # ZeRO-3: [0]
@@ -286,8 +285,9 @@ class CompletionScorer(nn.Module):
         logps = torch.cat([p[0] for p in parts])
         return logps, (torch.cat([p[1] for p in parts]) if aligned else None)
 
-    def _chunk(self, hidden: Tensor, targets: Tensor, aligned: bool) -> tuple[Tensor, Tensor | None]:
+    def _chunk(self, hidden: Tensor, targets: Tensor, aligned: bool, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         logits = self._transform(self.causal_lm.get_output_embeddings()(hidden)).float()
+        logits = logits if rows is None else logits[rows]
         lse = torch.logsumexp(logits, dim=-1)
         logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
         if not aligned:
