@@ -458,7 +458,7 @@ def run_trl(settings: dict[str, Any], workdir: Path, row: Row, run_dir: Path) ->
                 ref_pairs=len(pairs) if tuned else s["steps"] * s["batch_size"], same_tokens=tokens_match,
                 gradient_checkpointing=config.gradient_checkpointing, sampling=config.train_sampling_strategy,
                 precompute_ref_log_probs=config.precompute_ref_log_probs,
-                datasets_cache=os.environ.get("HF_DATASETS_CACHE"))  # fmt: skip
+                datasets_cache=os.path.relpath(os.environ["HF_DATASETS_CACHE"], workdir))  # fmt: skip
 
 
 def peak_memory_mb(device: str) -> float:

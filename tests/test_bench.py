@@ -72,6 +72,7 @@ def test_trl_tuned_groups_by_length_over_a_length_column(bench, tmp_path):
             "--in-process", "--rows", "trl_tuned_gc_off"]  # fmt: skip
     run = bench.main(argv)[0]
     assert run["sampling"] == "group_by_length" and run["precompute_ref_log_probs"]
+    assert run["datasets_cache"] == "runs/trl_tuned_gc_off-0/hf-datasets-cache"  # fresh per run, relative
     assert run["gradient_checkpointing"] is False and len(run["losses"]) == 2
 
 
