@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="run every row this many times, interleaved")
     p.add_argument("--json-out", help="also append the JSON lines to this file")
+    p.add_argument(
+        "--results", help="write a bench/results file: commit, date, CPU, command, runs, summaries"
+    )
     p.add_argument("--in-process", action="store_true", help="no subprocesses (tests; peaks mix)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -649,7 +652,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ratio = ratio_line(records, args.parity)
     if ratio is not None:
         emit(ratio, args.json_out)
+    if args.results:
+        write_results(Path(args.results), records, list(summaries.values()), ratio, peak)
     return records + list(summaries.values()) + ([ratio] if ratio else [])
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its bf16-relevant flags (what the dtype decision reads)."""
+    from alignpipe.training.precision import cpuinfo_flags
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor())  # fmt: skip
+    flags = sorted(cpuinfo_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return f"{model}, {os.cpu_count()} cpus, {' '.join(flags) or 'no AVX2'}"
+
+
+def write_results(path: Path, runs: list, summaries: list, ratio: dict | None, peak: dict | None) -> None:
+    """A results file as tests/test_bench_results.py reads them (the commit the script ran at)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    data = dict(date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"), commit=commit, cpu=cpu_name(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
+                command=" ".join(["bench/dpo_throughput.py", *sys.argv[1:]]), peak_matmul_gflops=peak,
+                runs=runs, summaries=summaries, ratio=ratio)  # fmt: skip
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def emit(record: dict[str, Any], json_out: str | None) -> None:

@@ -68,9 +68,16 @@ def test_parity_run_prints_one_line_per_run_a_summary_per_row_and_a_ratio(bench,
 def test_trl_tuned_groups_by_length_over_a_length_column(bench, tmp_path):
     """Outside --parity, TRL tuned samples group_by_length: the length column reaches the sampler
     (TRL's own inference fails on DPO rows), and it trains."""
+    results = tmp_path / "2026-01-01-x.json"
     argv = ["--model", "tiny", "--pairs", "4", "--batch-size", "2", "--max-length", "96", "--device", "cpu",
-            "--in-process", "--rows", "trl_tuned_gc_off"]  # fmt: skip
+            "--in-process", "--rows", "trl_tuned_gc_off", "--results", str(results)]  # fmt: skip
     run = bench.main(argv)[0]
+    data = json.loads(results.read_text())
+    assert (
+        len(data["commit"]) == 40
+        and data["cpu"]
+        and [r["impl"] for r in data["runs"]] == ["trl_tuned_gc_off"]
+    )
     assert run["sampling"] == "group_by_length" and run["precompute_ref_log_probs"]
     assert run["datasets_cache"] == "runs/trl_tuned_gc_off-0/hf-datasets-cache"  # fresh per run, relative
     assert run["gradient_checkpointing"] is False and len(run["losses"]) == 2
