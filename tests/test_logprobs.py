@@ -81,6 +81,28 @@ def test_chunked_lm_head_equals_unchunked_in_value_and_gradient(model, tokenizer
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("padding_free", "share"), [(True, False), (False, False), (True, True)],
+                         ids=["packed", "padded", "shared-prompt"])  # fmt: skip
+def test_head_over_every_position_gives_the_same_logps_and_gradients(
+    model, tokenizer, pairs, padding_free, share
+):
+    """The ablation ``head_all_positions`` (bench --ablate completion_head) only adds work: same
+    values and gradients (every weight) as the head on completion positions, chunked (3 tokens) or
+    not; with shared prompts the prompt's last position predicts both sides' first token."""
+    batch = collate_pairs(pairs, padding_free, tokenizer.pad_token_id, None, share)
+    assert (batch.segments is not None) == share
+    results = []
+    for every, budget in ((False, 10**9), (True, 10**9), (True, 3 * model.config.vocab_size)):
+        model.zero_grad()
+        out = pair_logps(CompletionScorer(model, logit_budget=budget, head_all_positions=every), batch)
+        (out.chosen_logps - 2 * out.rejected_logps).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((out.chosen_logps.detach(), out.rejected_logps.detach(), *grads))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("row_tokens", [None, 0], ids=["one-row", "binned"])
 def test_packed_equals_padded_within_1e5_fp32(model, tokenizer, pairs, row_tokens):
     scorer = CompletionScorer(model)

@@ -70,7 +70,9 @@ TINY_PIPELINE = {
 }  # fmt: skip
 
 
-def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, tiny_model_dir, monkeypatch):
+def test_full_pipeline_then_a_beta_sweep_then_kto(tmp_path, tiny_model_dir, monkeypatch):
+    """The whole DAG; a beta sweep reruns only dpo and evaluate; switching to KTO adds the unpaired
+    reference pass, and a KTO weight then reruns only dpo and evaluate again."""
     ws = make_workspace(tmp_path / "ws", {"base_model": {"source": str(tiny_model_dir)}, **TINY_PIPELINE})
     (ws / "toy_reward.py").write_text(REWARD_MODULE)
     trace = tmp_path / "params_read.jsonl"
@@ -106,3 +108,20 @@ def test_full_pipeline_then_a_beta_sweep_reruns_only_dpo_and_evaluate(tmp_path, 
     again = dvc(ws, "repro")
     assert sorted(ran_stages(again.stdout)) == ["dpo", "evaluate"]
     assert (ws / "data/ref_logps.parquet").read_bytes() == ref_before
+
+    # KTO: the unpaired examples pairs already wrote get their reference log-probs, dpo trains on them
+    set_params(ws, {"dpo": {"loss_type": "kto"}, "ref_logps": {"unpaired": True}})
+    kto = dvc(ws, "repro")
+    assert sorted(ran_stages(kto.stdout)) == ["dpo", "evaluate", "ref_logps"]
+    unpaired = read_parquet(ws / "data/unpaired/train.parquet", schema.UNPAIRED)
+    ref_unpaired = read_parquet(ws / "data/ref_logps_unpaired.parquet", schema.REF_LOGPS_UNPAIRED)
+    assert unpaired and {r["example_id"] for r in unpaired} <= {r["example_id"] for r in ref_unpaired}
+    assert all(r["kl_example_id"] != r["example_id"] for r in ref_unpaired)
+    logged = json.loads((ws / "reports/dpo/metrics.json").read_text())
+    assert "kl" in logged and {"chosen", "rejected"} <= set(logged["rewards"]) & set(logged["logps"])
+    assert (ws / "models/dpo/model.safetensors").exists()
+    ref_unpaired_before = (ws / "data/ref_logps_unpaired.parquet").read_bytes()
+    set_params(ws, {"dpo": {"desirable_weight": 1.33}})
+    weighted = dvc(ws, "repro")
+    assert sorted(ran_stages(weighted.stdout)) == ["dpo", "evaluate"]
+    assert (ws / "data/ref_logps_unpaired.parquet").read_bytes() == ref_unpaired_before

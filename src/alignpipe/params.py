@@ -308,7 +308,8 @@ class TrainParams(Section):
         description="Recompute activations in the backward pass: less memory, more time per step.",
     )
     dtype: Dtype = Field(
-        "auto", description="Training precision: 'auto' is bfloat16 on a GPU and float32 on a CPU."
+        "auto",
+        description="Training precision: 'auto' is bfloat16 on a GPU and on a CPU with AMX, else float32.",
     )
     seed: int = Field(0, description="Training seed (data order, LoRA initialisation, dropout).")
     logging_steps: PositiveInt = Field(5, description="Log the training metrics every n optimizer steps.")
@@ -380,7 +381,8 @@ class SamplingParams(Section):
         "lower it if you run out of memory.",
     )
     dtype: Dtype = Field(
-        "auto", description="Weights' precision: 'auto' is bfloat16 on a GPU and float32 on a CPU."
+        "auto",
+        description="Weights' precision: 'auto' is bfloat16 on a GPU and on a CPU with AMX, else float32.",
     )
     tensor_parallel_size: PositiveInt = Field(
         1, description="vLLM: GPUs one model is split over (for models too big for one GPU)."
@@ -439,7 +441,8 @@ class RewardParams(Section):
     )
     batch_size: PositiveInt = Field(16, description="kind 'hf': conversations per forward pass.")
     dtype: Dtype = Field(
-        "auto", description="kind 'hf': precision; 'auto' is bfloat16 on a GPU and float32 on a CPU."
+        "auto",
+        description="kind 'hf': precision; 'auto' is bfloat16 on a GPU and on a CPU with AMX, else float32.",
     )
     trust_remote_code: bool = Field(
         False,

@@ -232,7 +232,9 @@ class CompletionScorer(nn.Module):
     the chunked LM head run inside the wrapper's forward. A model on sdpa is switched to
     :mod:`alignpipe.core.attention` (sdpa itself unless a batch has shared-prompt segments)."""
 
-    def __init__(self, model: nn.Module, logit_budget: int = LOGIT_BUDGET) -> None:
+    def __init__(
+        self, model: nn.Module, logit_budget: int = LOGIT_BUDGET, head_all_positions: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.logit_budget = logit_budget
@@ -240,6 +242,7 @@ class CompletionScorer(nn.Module):
         self.shares_prompt = enable_shared_prompt(self.causal_lm)
         self._no_split_modules = getattr(self.causal_lm, "_no_split_modules", None)  # FSDP wraps these
         self.route, self.aux_loss = False, None  # MoE router loss (alignpipe.core.router)
+        self.head_all_positions = head_all_positions  # the LM head over every position (an ablation)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -266,22 +269,25 @@ class CompletionScorer(nn.Module):
             **extra,
         )
         self.aux_loss = router_aux_loss(out, self.causal_lm, attention_mask) if self.route else None
-        hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])[predict_index]
-        chunk = max(
-            1, self.logit_budget // self.causal_lm.config.get_text_config().vocab_size
-        )  # ZeRO-3: head [0]
-        if hidden.shape[0] <= chunk:
-            return self._chunk(hidden, target_ids, aligned)
-        parts = []
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], target_ids[start : start + chunk]
-            # recompute each chunk's logits in backward: only the hidden states stay in memory
-            parts.append(checkpoint(self._chunk, h, t, aligned, use_reentrant=False))
+        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+        if not self.head_all_positions:  # only the positions that predict a completion token
+            return self._head(flat[predict_index], target_ids, aligned)
+        # the ablation: the head over every position (as a plain implementation), then the scored rows
+        return self._chunk(flat, target_ids, aligned, predict_index)
+
+    def _head(self, hidden: Tensor, targets: Tensor, aligned: bool) -> tuple[Tensor, Tensor | None]:
+        c = max(1, self.logit_budget // self.causal_lm.config.get_text_config().vocab_size)  # ZeRO-3: [0]
+        if hidden.shape[0] <= c:
+            return self._chunk(hidden, targets, aligned)
+        # recompute each chunk's logits in backward: only the hidden states stay in memory
+        parts = [checkpoint(self._chunk, hidden[s : s + c], targets[s : s + c], aligned, use_reentrant=False)
+                 for s in range(0, hidden.shape[0], c)]  # fmt: skip
         logps = torch.cat([p[0] for p in parts])
         return logps, (torch.cat([p[1] for p in parts]) if aligned else None)
 
-    def _chunk(self, hidden: Tensor, targets: Tensor, aligned: bool) -> tuple[Tensor, Tensor | None]:
+    def _chunk(self, hidden: Tensor, targets: Tensor, aligned: bool, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         logits = self._transform(self.causal_lm.get_output_embeddings()(hidden)).float()
+        logits = logits if rows is None else logits[rows]
         lse = torch.logsumexp(logits, dim=-1)
         logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
         if not aligned:
@@ -337,9 +343,8 @@ def shares_prompt(scorer: nn.Module) -> bool:
 
 
 def load_reference(path: str | Path, dtype: str, device: torch.device) -> CompletionScorer:
-    """A frozen scorer (eval mode, no grads) of the model at ``path`` in ``dtype``, as both the
-    ``ref_logps`` stage and the live reference of ``dpo`` use it (no autocast: the weights' dtype).
-    :func:`alignpipe.training.precision.reference_scorer` loads it as the dpo policy computes."""
+    """A frozen scorer (eval mode, no grads) of the model at ``path`` in ``dtype`` (no autocast: the weights'
+    dtype); :func:`alignpipe.training.numerics.reference_scorer` loads it as the dpo policy computes."""
     from alignpipe.core.models import load_causal_lm
 
     scorer = CompletionScorer(load_causal_lm(path, dtype=dtype, device=device)).eval()
@@ -376,13 +381,8 @@ def pair_scores(
             chunk = [pairs[i] for i in index]
             batch = collate_pairs(chunk, padding_free, pad_token_id, row_tokens, share).to(device)
             out = pair_logps(scorer, batch)
-            values = zip(
-                out.chosen_logps.tolist(),
-                out.rejected_logps.tolist(),
-                out.chosen_tokens.tolist(),
-                out.rejected_tokens.tolist(),
-                strict=True,
-            )
+            sides = (out.chosen_logps, out.rejected_logps, out.chosen_tokens, out.rejected_tokens)
+            values = zip(*(t.tolist() for t in sides), strict=True)
             found.update(zip(batch.pair_ids, values, strict=True))
             bar.update(len(index))
     return PairScores.from_rows([p.pair_id for p in pairs], [found[p.pair_id] for p in pairs])

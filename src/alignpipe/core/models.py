@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from alignpipe.training.precision import resolve_dtype  # the one dtype policy (re-exported)
+
 
 class ModelFolderError(ValueError):
     """A model folder is missing, incomplete or not loadable."""
@@ -46,13 +48,6 @@ def accelerator_kwargs() -> dict[str, Any]:
 
         return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     return {"cpu": True}
-
-
-def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
-    """``auto`` is bf16 on a GPU and fp32 on CPU; otherwise the named dtype."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def seed_everything(seed: int) -> None:

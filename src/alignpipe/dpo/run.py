@@ -32,6 +32,7 @@ class LoopOptions:
     data_order: Literal["length_grouped", "file"] = "length_grouped"
     shared_prompt: bool = True  # pairs run their prompt once where the model allows it
     fused_adamw: bool = True
+    completion_head: bool = True  # the LM head only on positions that predict a completion token
 
 
 @dataclass

@@ -219,16 +219,19 @@ def build_run(
     model = load_model(model_dir, numerics, acc.device)  # the ref_logps stage loads the same way
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    scorer = CompletionScorer(apply_peft(model, params.peft)).train()
+    scorer = CompletionScorer(apply_peft(model, params.peft), head_all_positions=not options.completion_head)
+    scorer.train()
     router = router_weight(scorer.causal_lm.config, params.router_aux_loss_coef)
     scorer.route = router > 0
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
     ref = reference_scorer(model_dir, numerics, acc.device) if params.reference == "live" else None
+    if ref is not None:
+        ref.head_all_positions = not options.completion_head
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout
     share = not params.compile and shares_prompt(scorer) and (ref is None or shares_prompt(ref))
-    share = share and options.shared_prompt
+    share = share and options.shared_prompt and params.padding_free  # shared prompts live in packed rows
     optimizer = build_optimizer(scorer, params, fused=options.fused_adamw)
     global_size = params.batch_size * params.grad_accum * acc.num_processes
     per_epoch = steps_per_epoch(len(train_data), global_size, params.grad_accum * acc.num_processes)
