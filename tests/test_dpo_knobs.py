@@ -321,6 +321,20 @@ def test_diagnostics_in_the_words_of_the_dpo_derivation(chosen, rejected, verdic
     assert d["margin_change"] == pytest.approx(chosen - rejected) and d["never_learned"] == ["p3"]
 
 
+def test_unpaired_diagnostics_read_both_falling_before_the_margin():
+    """KTO's chosen/rejected rewards are different examples of each batch. The embedded default's KTO
+    run moved them by -0.642 and -0.602 (margin -0.040 at beta 0.1): for pairs that reads "margin
+    falling: check the labels", for unpaired examples "both falling"."""
+    history = curve(-0.642, -0.602)
+    paired = diagnose(history, beta=0.1, never_learned=[])
+    unpaired = diagnose(history, beta=0.1, never_learned=[], unpaired=True)
+    assert paired["verdict"] == "margin falling" and "labels" in paired["advice"]
+    assert unpaired["verdict"] == "both falling" and "desirable and undesirable" in unpaired["advice"]
+    # a real fall of the desirable examples below the undesirable ones still points at the labels
+    falling = diagnose(curve(-0.5, 0.2), beta=0.1, never_learned=[], unpaired=True)
+    assert falling["verdict"] == "margin falling" and falling["advice"].endswith("check the labels")
+
+
 def test_a_pair_is_never_learned_when_its_margin_is_never_positive():
     tracker = PairTracker()
     tracker.see({"a": 0.0, "b": -0.1, "c": 0.2})

@@ -79,14 +79,33 @@ def _train_points(history: Iterable[Point]) -> list[dict[str, float]]:
     return [m for _, m in history if "rewards/margins" in m and "rewards/chosen" in m]
 
 
-def verdict(chosen: float, rejected: float, margin: float, beta: float) -> tuple[str, str]:
-    """(name, advice) from the changes of the mean implicit rewards over the run."""
+def verdict(
+    chosen: float, rejected: float, margin: float, beta: float, unpaired: bool = False
+) -> tuple[str, str]:
+    """(name, advice) from the changes of the mean implicit rewards over the run.
+
+    ``unpaired`` (kto, apo_zero_unpaired): "chosen" and "rejected" are the desirable and the
+    undesirable examples of each batch, different examples, not a pair's two sides; both falling
+    is then read before a falling margin (a small negative margin between two falling means of
+    different examples says little about the labels)."""
     if abs(margin) < beta * FLAT_LOGRATIO:
+        what = (
+            "the labels are bad (alike or mislabelled)"
+            if unpaired
+            else "the pairs are bad (alike or mislabelled)"
+        )
+        return "flat margin", f"the learning rate is likely too low, or {what}"
+    if unpaired and chosen < 0 and rejected < 0:
         return (
-            "flat margin",
-            "the learning rate is likely too low, or the pairs are bad (alike or mislabelled)",
+            "both falling",
+            "the policy moves probability off desirable and undesirable examples alike: beta is likely too low",
         )
     if margin < 0:
+        if unpaired:
+            return (
+                "margin falling",
+                "the desirable examples fall below the undesirable ones: check the labels",
+            )
         return "margin falling", "the policy prefers the rejected answers more and more: check the labels"
     if chosen >= 0 and rejected <= 0:
         return "chosen up, rejected down", "healthy"
@@ -95,14 +114,16 @@ def verdict(chosen: float, rejected: float, margin: float, beta: float) -> tuple
     return "both rising", "the chosen answers rise faster; watch the KL to the reference"
 
 
-def diagnose(history: Iterable[Point], beta: float, never_learned: list[str]) -> dict[str, Any]:
+def diagnose(
+    history: Iterable[Point], beta: float, never_learned: list[str], unpaired: bool = False
+) -> dict[str, Any]:
     """The diagnostics of ``reports/dpo/metrics.json``: changes of the train curves, verdict, pair ids."""
     points = _train_points(history)
     if not points:
         return {"verdict": "no training steps logged", "never_learned": never_learned}
     first, last = points[0], points[-1]
     change = {k: last[f"rewards/{k}"] - first[f"rewards/{k}"] for k in ("chosen", "rejected", "margins")}
-    name, advice = verdict(change["chosen"], change["rejected"], change["margins"], beta)
+    name, advice = verdict(change["chosen"], change["rejected"], change["margins"], beta, unpaired)
     return {
         "verdict": name,
         "advice": advice,
@@ -126,10 +147,13 @@ def describe(diagnostics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def report(tracker: PairTracker, history: Iterable[Point], beta: float, main: bool) -> dict[str, Any]:
-    """The diagnostics of the finished run (a collective: every process calls it); printed on the main."""
+def report(
+    tracker: PairTracker, history: Iterable[Point], beta: float, main: bool, unpaired: bool = False
+) -> dict[str, Any]:
+    """The diagnostics of the finished run (a collective: every process calls it); printed on the main.
+    ``unpaired``: the run trained on unpaired examples (see :func:`verdict`)."""
     tracker.sync()
-    diagnostics = diagnose(history, beta, tracker.never_learned())
+    diagnostics = diagnose(history, beta, tracker.never_learned(), unpaired)
     if main:
         print(describe(diagnostics), flush=True)
     return diagnostics

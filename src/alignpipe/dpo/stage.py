@@ -283,7 +283,9 @@ def run_dpo(
     if acc.is_main_process:
         truncation.warn("dpo", "examples" if params.unpaired else "pairs", DPO_LENGTH_KEYS)
     summary = train(run, start, log, checkpoints, fp, found)
-    summary["diagnostics"] = report(summary.pop("tracker"), log.history, params.beta, acc.is_main_process)
+    summary["diagnostics"] = report(
+        summary.pop("tracker"), log.history, params.beta, acc.is_main_process, params.unpaired
+    )
     summary["truncation"] = truncation.as_dict()  # pairs cut, by what was cut (prompt, completion, both)
     state = acc.get_state_dict(run.scorer)
     if acc.is_main_process:
