@@ -1,0 +1,73 @@
+"""The committed pipeline baseline: ``dvc.lock`` and the metrics of one ``make run`` on the embedded
+default, so that a user's ``dvc metrics diff`` (after ``make run`` or an edit) compares against it.
+
+Code hashes in ``dvc.lock`` go stale with any change to ``src/`` (DVC then reruns those stages, as it
+should); the params must not: a changed default in ``params.yaml`` without a new baseline would make
+``dvc metrics diff`` compare two different settings.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics_paths(stage: dict) -> list[str]:
+    return [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+
+
+def _load(name: str) -> dict:
+    """YAML 1.2 as DVC reads and writes it (ruamel): PyYAML's 1.1 reads DVC's ``5e-05`` as a string
+    and its unquoted ``off`` as false."""
+    return YAML(typ="safe").load((ROOT / name).read_text())
+
+
+def _param(params: dict, dotted: str):
+    value = params
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def test_the_lock_covers_every_stage_with_the_committed_params():
+    dag = _load("dvc.yaml")["stages"]
+    lock = _load("dvc.lock")["stages"]
+    assert set(lock) == set(dag)
+    params = _load("params.yaml")
+    stale = [
+        f"{stage}: {key} = {value!r} in dvc.lock, {_param(params, key)!r} in params.yaml"
+        for stage, entry in lock.items()
+        for key, value in entry.get("params", {}).get("params.yaml", {}).items()
+        if _param(params, key) != value
+    ]
+    assert not stale, (
+        "params.yaml changed since the baseline: rerun `make run` and commit dvc.lock + metrics\n"
+        + ("\n".join(stale))
+    )
+
+
+def test_every_metrics_file_of_the_dag_is_committed_and_matches_the_lock():
+    dag = _load("dvc.yaml")["stages"]
+    lock = _load("dvc.lock")["stages"]
+    for name, stage in dag.items():
+        for path in _metrics_paths(stage):
+            assert (ROOT / path).is_file(), f"{path} (metrics of {name}) is not committed"
+            json.loads((ROOT / path).read_text())
+            locked = {o["path"]: o for o in lock[name]["outs"]}
+            assert path in locked, f"{path} not in dvc.lock's {name} outs"
+
+
+def test_dvc_metrics_show_reads_the_baseline():
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    eval_json = next(d for w in shown.values() for p, d in w["data"].items() if p.endswith("eval.json"))
+    assert 0 <= eval_json["data"]["win_rate"] <= 1 and "kl" in eval_json["data"]
