@@ -144,3 +144,21 @@ def test_stage_help_lists_every_key_of_its_sections_with_its_description():
     beta = Params.model_fields["dpo"].annotation.model_fields["beta"].description
     assert f"dpo.beta (0.1): {beta}" in help_text
     assert "dpo.peft.r (16): " in help_text and "--ref-logps" in help_text
+
+
+def test_params_read_as_dvc_writes_them(tmp_path):
+    """`dvc exp run -S evaluate.n=2` rewrites params.yaml with ruamel (YAML 1.2): the committed
+    `metric: "off"` comes back unquoted and a float may come back as `5e-05`. PyYAML (YAML 1.1) reads
+    those as false and as a string, which stopped every stage after the first `dvc exp run -S`."""
+    text = (
+        PARAMS.read_text()
+        .replace('metric: "off"', "metric: off")
+        .replace("learning_rate: 3.0e-5", "learning_rate: 3e-05")
+    )
+    assert "metric: off " in text and "learning_rate: 3e-05" in text
+    assert yaml.safe_load(text)["dpo"]["early_stopping"]["metric"] is False  # the 1.1 reading
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    params = load_params(path)
+    assert params.dpo.early_stopping.metric == "off"
+    assert params.dpo.learning_rate == 3e-05

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -33,6 +32,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from ruamel.yaml import YAML, YAMLError
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -994,13 +994,20 @@ def validate(model: type[Section], data: Any, where: str = "params.yaml", prefix
         raise ParamsError(f"{where}: {problems}") from None
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML as DVC reads and writes params.yaml: 1.2 (ruamel). PyYAML's 1.1 reads an unquoted ``off``
+    (which ``dvc exp run -S`` and the flows' round-trip writer leave unquoted) as false, and
+    ``5e-05`` as a string; DVC's lock and ``-S`` see "off" and 5e-05."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def read_yaml(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found (run from the repository root)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = parse_yaml(path.read_text()) or {}
+    except YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(data).__name__}")

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from alignpipe.artifacts.io import atomic_path
-from alignpipe.params import Params, read_yaml, validate
+from alignpipe.params import Params, parse_yaml, read_yaml, validate
 
 MODELS = ("base", "sft", "dpo")  # columns of the eval table, when reports/eval.json has them
 _DVC_STATUS = re.compile(r"^(Running stage '|Stage '|'.*' didn't change|Data and pipelines are up to date)")
@@ -215,7 +215,7 @@ def update_params(
     if not changes:
         return []
     text = render_params(path.read_text(), changes)
-    validate(Params, yaml.safe_load(text), where=f"{path} (with the flow's changes)")
+    validate(Params, parse_yaml(text), where=f"{path} (with the flow's changes)")
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return changes
