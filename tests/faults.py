@@ -107,8 +107,10 @@ def run_process(
                 finished = now
             if kill_after is not None and fired is not None and now - fired >= kill_after:
                 os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
                 proc.wait()
+                # it may have exited on its own between the poll and the signal (a zombie takes the
+                # signal): then it was not killed, and the caller retries with a shorter delay
+                killed = proc.returncode == -signal.SIGKILL
                 break
             if now > timeout:
                 os.killpg(proc.pid, signal.SIGKILL)

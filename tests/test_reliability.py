@@ -13,6 +13,7 @@ DVC cache holds no partial object and that the rerun resumes and ends up to date
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -254,6 +255,17 @@ def test_a_writer_killed_mid_write_leaves_the_previous_artifact_in_place(tmp_pat
     assert target.read_bytes() == b"previous artifact"
     leftovers = temp_leftovers(tmp_path / "data")  # the killed writer's temporary: a hidden sibling
     assert leftovers and all(p.startswith(".scored.parquet.") and p.endswith(".tmp") for p in leftovers)
+    # the next writer of the same artifact removes the dead writer's temporary, and only that
+    live = target.parent / f".scored.parquet.{os.getpid()}.abcd1234.tmp"  # a writer still running
+    live.mkdir()
+    other = target.parent / ".other.parquet.1.abcd1234.tmp"
+    other.mkdir()
+    from alignpipe.artifacts.io import atomic_path
+
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new artifact")
+    assert target.read_bytes() == b"new artifact"
+    assert sorted(temp_leftovers(tmp_path / "data")) == sorted([live.name, other.name])
 
 
 def test_resuming_metrics_after_a_kill_mid_summary_and_mid_line(tmp_path):

@@ -7,6 +7,7 @@ crash never leaves a half-written file that DVC could cache.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -35,7 +36,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        _remove_stale_temporaries(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot write here ({_oneline(exc)})") from exc
     target = tmp / path.name
@@ -53,6 +55,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise ArtifactError(f"{path}: write failed, nothing was replaced ({_oneline(exc)})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` left by a writer that was killed (SIGKILL runs no cleanup):
+    ``.<name>.<pid>.<random>.tmp`` whose process no longer runs on this machine."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _oneline(exc: BaseException) -> str:
