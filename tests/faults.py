@@ -2,7 +2,8 @@
 
 ``run_process`` starts a command in its own process group and, when asked, SIGKILLs the whole
 group ``delay`` seconds after ``trigger()`` first holds (a checkpoint or chunk file appears),
-as a crash or an OOM kill would. ``artifact_digests`` hashes what a run wrote, leaving out
+as a crash or an OOM kill would. ``kill_at`` does the same inside the test process: a trainer's
+``train_step`` raises at a given step. ``artifact_digests`` hashes what a run wrote, leaving out
 what measures the run rather than its result (seconds, throughput, resume counters).
 """
 
@@ -21,7 +22,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import yaml
 
 # Small enough for seconds per stage, big enough that each resumable stage has several resume points:
@@ -127,6 +130,24 @@ def run_process(
         killed,
         log_path.read_text(errors="replace"),
     )
+
+
+def kill_at(monkeypatch: pytest.MonkeyPatch, module: ModuleType, step: int) -> None:
+    """Make ``module.train_step`` raise KeyboardInterrupt when it is called for ``step`` (1-based), as a
+    kill between two steps would: the steps before it ran and their checkpoints are on disk.
+
+    ``module`` is the trainer module whose ``train_step`` the loop looks up at call time
+    (``alignpipe.dpo.stage`` for pair losses, ``alignpipe.dpo.kto`` for unpaired ones). Use it inside
+    ``monkeypatch.context()`` so the rerun trains normally.
+    """
+    real = module.train_step
+
+    def train_step(run, s, *args):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(run, s, *args)
+
+    monkeypatch.setattr(module, "train_step", train_step)
 
 
 def file_appears(ws: Path, pattern: str) -> Callable[[], bool]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import kill_at
 from safetensors.torch import load_file
 
 import alignpipe.dpo.stage as dpo_module
@@ -118,17 +119,6 @@ def test_grad_accumulation_matches_one_big_batch(env, tmp_path, batch_size, grad
         torch.testing.assert_close(weights(acc)[key], value, atol=1e-6, rtol=1e-5)
 
 
-def kill_at(monkeypatch, step: int) -> None:
-    real = dpo_module.train_step
-
-    def train_step(run, s, *args):
-        if s == step:
-            raise KeyboardInterrupt
-        return real(run, s, *args)
-
-    monkeypatch.setattr(dpo_module, "train_step", train_step)
-
-
 @pytest.mark.parametrize(
     "peft", [{}, {"enabled": True, "r": 2, "dropout": 0.5}], ids=["full", "lora-dropout"]
 )
@@ -138,7 +128,7 @@ def test_resume_after_a_kill_ends_at_the_same_weights(env, tmp_path, monkeypatch
     schedule = dict(max_steps=5, save_steps=2, lr_scheduler="cosine", warmup_ratio=0.2, peft=peft)
     _, whole = train(env, tmp_path, "whole", **schedule)
     with monkeypatch.context() as m:
-        kill_at(m, 4)
+        kill_at(m, dpo_module, 4)
         with pytest.raises(KeyboardInterrupt):
             train(env, tmp_path, "resumed", **schedule)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-2"]
@@ -151,7 +141,7 @@ def test_resume_after_a_kill_ends_at_the_same_weights(env, tmp_path, monkeypatch
 
 def test_a_checkpoint_from_other_params_is_discarded(env, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
-        kill_at(m, 3)
+        kill_at(m, dpo_module, 3)
         with pytest.raises(KeyboardInterrupt):
             train(env, tmp_path, "run", max_steps=3, save_steps=2)
     summary, _ = train(env, tmp_path, "run", max_steps=3, save_steps=2, beta=0.2)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import kill_at
 from safetensors.torch import load_file
 from transformers import MixtralConfig, MixtralForCausalLM, TrainerCallback
 
@@ -66,17 +67,6 @@ def dpo(model: Path, data: tuple[Path, Path], run: Path, params: DpoParams, ref:
     return run_dpo(model, pairs, ref or table, run / "out", run / "ckpt", run / "reports", params)
 
 
-def kill_dpo_at(monkeypatch, step: int) -> None:
-    real = dpo_module.train_step
-
-    def train_step(run, s, *args):
-        if s == step:
-            raise KeyboardInterrupt
-        return real(run, s, *args)
-
-    monkeypatch.setattr(dpo_module, "train_step", train_step)
-
-
 def same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -94,7 +84,7 @@ def test_default_save_settings_leave_a_dpo_resume_point_and_a_kill_resumes_past_
     whole = dpo(tiny_model_dir, data, tmp_path / "whole", params)
     assert whole["steps"] == 6
     with monkeypatch.context() as m:
-        kill_dpo_at(m, 5)
+        kill_at(m, dpo_module, 5)
         with pytest.raises(KeyboardInterrupt):
             dpo(tiny_model_dir, data, tmp_path / "killed", params)
     assert sorted(p.name for p in (tmp_path / "killed" / "ckpt").iterdir()) == ["step-3"]  # 75 s in
@@ -267,7 +257,7 @@ def test_early_stopping_survives_a_kill(data, tiny_model_dir, tmp_path, monkeypa
     whole = dpo(tiny_model_dir, data, tmp_path / "whole", params)
     assert whole["steps"] == 3 and whole["early_stopping"]["stopped_at"] == 3
     with monkeypatch.context() as m:
-        kill_dpo_at(m, 3)
+        kill_at(m, dpo_module, 3)
         with pytest.raises(KeyboardInterrupt):
             dpo(tiny_model_dir, data, tmp_path / "killed", params)
     resumed = dpo(tiny_model_dir, data, tmp_path / "killed", params)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from faults import kill_at
 from safetensors.torch import load_file
 
 import alignpipe.dpo.kto as kto_module
@@ -184,17 +185,6 @@ def test_precomputed_and_live_reference_give_the_same_losses(env, tmp_path):
     assert history(pre, "kl")[-1] > 0  # the KL point moved off 0 as the policy moved
 
 
-def kill_at(monkeypatch, step: int) -> None:
-    real = kto_module.train_step
-
-    def train_step(run, s, *args):
-        if s == step:
-            raise KeyboardInterrupt
-        return real(run, s, *args)
-
-    monkeypatch.setattr(kto_module, "train_step", train_step)
-
-
 @pytest.mark.parametrize(
     "peft", [{}, {"enabled": True, "r": 2, "dropout": 0.5}], ids=["full", "lora-dropout"]
 )
@@ -202,7 +192,7 @@ def test_resume_after_a_kill_ends_at_the_same_weights(env, tmp_path, monkeypatch
     schedule = dict(max_steps=5, save_steps=2, lr_scheduler="cosine", warmup_ratio=0.2, peft=peft)
     _, whole = train(env, tmp_path, "whole", **schedule)
     with monkeypatch.context() as m:
-        kill_at(m, 4)
+        kill_at(m, kto_module, 4)
         with pytest.raises(KeyboardInterrupt):
             train(env, tmp_path, "resumed", **schedule)
     summary, resumed = train(env, tmp_path, "resumed", **schedule)
