@@ -12,8 +12,16 @@ import pytest
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_json, read_parquet, write_parquet
-from alignpipe.pairs.build import NoPairsError, build_pairs, eval_prompt_ids, similarity_at_least
+from alignpipe.pairs.build import (
+    NoPairsError,
+    build_pairs,
+    eval_prompt_ids,
+    similarity_at_least,
+    user_pair_rows,
+    user_prompt_id,
+)
 from alignpipe.pairs.stage import histogram, pairs
+from alignpipe.pairs.unpaired import user_example_rows
 from alignpipe.params import PairsParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +227,22 @@ def test_user_pairs_mixed_in_and_split_with_their_prompt():
     side = {r["pair_id"]: r in evals for r in train + evals}
     assert side["u1"] == side["p1:0>1"]  # same prompt, same side of the split
     assert report["pairs_user"] == 2 and report["pairs_generated"] == 2
+
+
+def test_user_prompt_ids_are_pinned_and_the_same_for_pairs_and_unpaired_rows():
+    """A new prompt gets "user-" + sha256(prompt key)[:16], the key being the JSON of its
+    [role, content] list as written (non-ASCII kept), e.g. '[["user", "mine"]]'; a prompt of
+    prompts.parquet keeps its id. The ids were computed by hand; they are in committed data."""
+    mine = [{"role": "user", "content": "mine"}]
+    accents = [{"role": "system", "content": "Sé breve."}, {"role": "user", "content": "¿Qué hora es?"}]
+    known = {'[["user", "question p1"]]': "p1"}
+    assert user_prompt_id(mine, {}) == "user-c8b93734efe83280"
+    assert user_prompt_id(accents, {}) == "user-18610a7d7ad9cf58"
+    assert user_prompt_id([{"role": "user", "content": "question p1"}], known) == "p1"
+    pref = {"pair_id": "u", "prompt": mine, "chosen": [], "rejected": []}
+    example = {"example_id": "e", "prompt": accents, "completion": [], "label": True}
+    assert user_pair_rows([pref], known)[0]["prompt_id"] == "user-c8b93734efe83280"
+    assert user_example_rows([example], known)[0]["prompt_id"] == "user-18610a7d7ad9cf58"
 
 
 def test_user_pairs_alone_are_enough():

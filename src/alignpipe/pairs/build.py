@@ -191,16 +191,22 @@ def pair_row(prompt_id: str, prompt: list[dict[str, str]], c: Candidate) -> dict
     }
 
 
+def user_prompt_id(prompt: list[dict[str, str]], prompt_ids: dict[str, str]) -> str:
+    """A user row's prompt_id: that of the same prompt in prompts.parquet (``prompt_ids``, by
+    :func:`prompt_key`), so it lands on that prompt's side of the split; else "user-" and 16 hex
+    digits of the sha256 of its key. User pairs and user unpaired rows share it."""
+    key = prompt_key(prompt)
+    return prompt_ids.get(key) or "user-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def user_pair_rows(preferences: list[dict[str, Any]], prompt_ids: dict[str, str]) -> list[dict[str, Any]]:
     """User pairs as PAIRS rows; a prompt also in prompts.parquet keeps its prompt_id (same split side)."""
     rows = []
     for pref in preferences:
-        key = prompt_key(pref["prompt"])
-        pid = prompt_ids.get(key) or "user-" + hashlib.sha256(key.encode()).hexdigest()[:16]
         rows.append(
             {
                 "pair_id": pref["pair_id"],
-                "prompt_id": pid,
+                "prompt_id": user_prompt_id(pref["prompt"], prompt_ids),
                 "prompt": pref["prompt"],
                 "chosen": pref["chosen"],
                 "rejected": pref["rejected"],

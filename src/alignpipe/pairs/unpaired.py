@@ -35,7 +35,6 @@ pairs are, by hash of (seed, prompt_id), the first round(eval_fraction * n) of t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from collections import Counter, defaultdict
@@ -44,7 +43,14 @@ from fractions import Fraction
 from typing import Any
 
 from alignpipe.data.builtin import verify
-from alignpipe.pairs.build import Sample, prompt_key, prompt_order, samples_of, similarity_at_least
+from alignpipe.pairs.build import (
+    Sample,
+    prompt_key,
+    prompt_order,
+    samples_of,
+    similarity_at_least,
+    user_prompt_id,
+)
 from alignpipe.params import PairsParams
 
 # What removes a sample, in the order the steps run, and the param behind it (for the report).
@@ -169,12 +175,10 @@ def example_row(prompt_id: str, prompt: list[dict[str, str]], sample: Sample, la
 
 def user_example_rows(examples: list[dict[str, Any]], prompt_ids: dict[str, str]) -> list[dict[str, Any]]:
     """User rows as UNPAIRED rows; a prompt of prompts.parquet keeps its prompt_id (as user pairs do)."""
-    rows = []
-    for ex in examples:
-        key = prompt_key(ex["prompt"])
-        pid = prompt_ids.get(key) or "user-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-        rows.append({**ex, "prompt_id": pid, "reward": None, "source": "user"})
-    return rows
+    return [
+        {**ex, "prompt_id": user_prompt_id(ex["prompt"], prompt_ids), "reward": None, "source": "user"}
+        for ex in examples
+    ]
 
 
 def eval_ids_like_pairs(
