@@ -8,15 +8,26 @@ writes it, ``dpo`` and ``evaluate`` read it and align it to their encoded pairs.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 from torch import Tensor
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import ArtifactError, read_parquet, write_parquet
 from alignpipe.artifacts.pairs import EncodedPair
+
+
+def write_columns(
+    columns: Mapping[str, Sequence[str] | Tensor], path: str | os.PathLike, parquet_schema: pa.Schema
+) -> None:
+    """One row per index of ``columns`` (name -> ids or an (N,) tensor, all of length N), as
+    ``parquet_schema`` (atomically): the writer of :class:`PairScores` and of its unpaired twin."""
+    values = [c.tolist() if isinstance(c, Tensor) else c for c in columns.values()]
+    rows = [dict(zip(columns, row, strict=True)) for row in zip(*values, strict=True)]
+    write_parquet(rows, path, parquet_schema)
 
 
 @dataclass(frozen=True)
@@ -43,24 +54,14 @@ class PairScores:
 
     def write(self, path: str | os.PathLike) -> None:
         """``path`` as schema REF_LOGPS (atomically)."""
-        rows = [
-            {
-                "pair_id": pid,
-                "ref_chosen_logps": c,
-                "ref_rejected_logps": r,
-                "chosen_tokens": nc,
-                "rejected_tokens": nr,
-            }
-            for pid, c, r, nc, nr in zip(
-                self.pair_ids,
-                self.chosen.tolist(),
-                self.rejected.tolist(),
-                self.chosen_tokens.tolist(),
-                self.rejected_tokens.tolist(),
-                strict=True,
-            )
-        ]
-        write_parquet(rows, path, schema.REF_LOGPS)
+        columns = {
+            "pair_id": self.pair_ids,
+            "ref_chosen_logps": self.chosen,
+            "ref_rejected_logps": self.rejected,
+            "chosen_tokens": self.chosen_tokens,
+            "rejected_tokens": self.rejected_tokens,
+        }
+        write_columns(columns, path, schema.REF_LOGPS)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> PairScores:

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import ArtifactError, read_parquet, write_parquet
+from alignpipe.artifacts.io import ArtifactError, read_parquet
 from alignpipe.artifacts.pairs import EncodedPair, PairDataError, encode_pair
-from alignpipe.artifacts.ref_logps import PairScores
+from alignpipe.artifacts.ref_logps import PairScores, write_columns
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,15 @@ class UnpairedScores:
 
     def write(self, path: str | os.PathLike) -> None:
         """``path`` as schema REF_LOGPS_UNPAIRED (atomically)."""
-        columns = zip(self.example_ids, self.logps.tolist(), self.tokens.tolist(), self.kl_ids,
-                      self.kl_logps.tolist(), self.kl_tokens.tolist(), strict=True)  # fmt: skip
-        names = ("example_id", "ref_logps", "tokens", "kl_example_id", "ref_kl_logps", "kl_tokens")
-        write_parquet([dict(zip(names, c, strict=True)) for c in columns], path, schema.REF_LOGPS_UNPAIRED)
+        columns = {
+            "example_id": self.example_ids,
+            "ref_logps": self.logps,
+            "tokens": self.tokens,
+            "kl_example_id": self.kl_ids,
+            "ref_kl_logps": self.kl_logps,
+            "kl_tokens": self.kl_tokens,
+        }
+        write_columns(columns, path, schema.REF_LOGPS_UNPAIRED)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> UnpairedScores:
