@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from loss_helpers import completion_log_probs, sig, trl_compute_loss, trl_trainer
 
 from alignpipe.core.kto import UNPAIRED_LOSSES, kl_point, unpaired_losses, unpaired_rewards
 
@@ -19,10 +17,6 @@ LOGPS = [-10.0, -12.0, -9.0, -11.0]
 REFS = [-10.5, -11.0, -10.0, -11.0]  # r = 0.5, -1, 1, 0
 LABELS = [True, True, False, False]
 BETA = 0.5
-
-
-def sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 def _t(values: list[Any], dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -113,42 +107,19 @@ def _trl_kto(batch: dict[str, Any], loss_type: str, beta: float, wd: float, wu: 
     returns the mismatched pairs' summed log-probs; references go in as precomputed, as in ref_logps.
     Returns (loss, the metrics TRL logged).
     """
-    kto_trainer = pytest.importorskip("trl.trainer.kto_trainer")
-    if not hasattr(kto_trainer.KTOTrainer, "_compute_loss"):
-        pytest.skip("this TRL has no KTOTrainer._compute_loss (the harness follows TRL 1.16)")
-    per_token, mask = batch["per_token"], batch["mask"]
-    outputs = SimpleNamespace(
-        log_probs=per_token[:, 1:],
-        entropy=torch.zeros_like(per_token[:, 1:]),
-        mean_logits=torch.zeros_like(per_token[:, 1:]),
-    )
-    metrics: Any = defaultdict(lambda: defaultdict(list))
-    stub = SimpleNamespace(
-        model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t),
-        calculate_KL=loss_type == "kto", precompute_ref_logps=True, loss_type=loss_type, beta=beta,
-        desirable_weight=wd, undesirable_weight=wu, aux_loss_enabled=False,
+    trainer = trl_trainer("trl.trainer.kto_trainer", "KTOTrainer")
+    return trl_compute_loss(
+        trainer, batch["per_token"], batch["mask"],
+        inputs={"label": batch["labels"], "ref_logps": batch["ref"], "ref_KL_logps": batch["ref_kl"]},
+        calculate_KL=loss_type == "kto", loss_type=loss_type, beta=beta, desirable_weight=wd,
+        undesirable_weight=wu,
         _compute_kl_logps=lambda model, b: batch["kl_logps"] if loss_type == "kto" else None,
-        _metrics=metrics, _total_train_tokens=0, _tp_size=1,
     )  # fmt: skip
-    inputs = {
-        "input_ids": torch.zeros_like(mask, dtype=torch.long),
-        "attention_mask": torch.ones_like(mask, dtype=torch.long),
-        "completion_mask": mask.long(),
-        "label": batch["labels"],
-        "ref_logps": batch["ref"],
-        "ref_KL_logps": batch["ref_kl"],
-    }
-    loss = kto_trainer.KTOTrainer._compute_loss(stub, lambda **_: outputs, inputs, False)
-    return loss, metrics["train"]
 
 
 def _parity_batch(batch: int = 8, seed: int = 3, kl_shift: float = 0.5) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, 13, (batch,), generator=g)
-    positions = torch.arange(13)
-    mask = (positions >= 1) & (positions <= lengths[:, None])
-    per_token = torch.where(mask, -1 - 2 * torch.rand(batch, 13, generator=g, dtype=torch.float64), 0.0)
+    mask, per_token = completion_log_probs(torch.randint(3, 13, (batch,), generator=g), g)
     ref = per_token.sum(1) + torch.randn(batch, generator=g, dtype=torch.float64)
     kl_logps = -20 + 3 * torch.randn(batch, generator=g, dtype=torch.float64)
     ref_kl = kl_logps - kl_shift + torch.randn(batch, generator=g, dtype=torch.float64)

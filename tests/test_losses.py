@@ -8,13 +8,13 @@ Notation: ``c = chosen - ref_chosen``, ``r = rejected - ref_rejected``, ``m = c 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from loss_helpers import completion_log_probs, sig, trl_compute_loss, trl_trainer
 
 from alignpipe.core.losses import LOSSES, implicit_rewards, wpo_weights
 from alignpipe.core.objective import combined_loss, preference_loss
@@ -26,10 +26,6 @@ REF_BASED = sorted(n for n, s in LOSSES.items() if not s.reference_free)
 def ls(x: float) -> float:
     """log sigmoid(x), stable for either sign."""
     return min(x, 0.0) - math.log1p(math.exp(-abs(x)))
-
-
-def sig(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 # Two pairs. Pair 0: c = 0.5, r = -0.5, m = 1. Pair 1: c = -1, r = 1, m = -2.
@@ -439,34 +435,18 @@ def _trl_loss(
     The stub model returns per-token log-probs (zero outside the completion) so that TRL's sums and
     token counts are ours; reference log-probs go in as precomputed, as in our ``ref_logps`` stage.
     """
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
-    if not hasattr(dpo_trainer.DPOTrainer, "_compute_loss"):
-        pytest.skip("this TRL has no DPOTrainer._compute_loss (the harness follows TRL 1.16)")
-    per_token, mask = batch["per_token"], batch["mask"]  # (2B, T): chosen rows then rejected rows
-    outputs = SimpleNamespace(
-        log_probs=per_token[:, 1:],
-        log_sum_sq_probs=batch["log_sum_sq"][:, 1:],
-        entropy=torch.zeros_like(per_token[:, 1:]),
-        mean_logits=torch.zeros_like(per_token[:, 1:]),
-        is_top1=torch.zeros_like(mask[:, 1:], dtype=torch.bool),
-    )
-    stub = SimpleNamespace(
-        model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t),
-        args=SimpleNamespace(discopop_tau=0.05),
-        beta=beta, label_smoothing=label_smoothing, loss_types=loss_types, loss_weights=weights,
-        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        use_weighting=batch["use_weighting"], aux_loss_enabled=False,
-        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+    trainer = trl_trainer("trl.trainer.dpo_trainer", "DPOTrainer")
+    # per_token, mask: (2B, T), chosen rows then rejected rows
+    loss, _ = trl_compute_loss(
+        trainer, batch["per_token"], batch["mask"],
+        outputs={"log_sum_sq_probs": batch["log_sum_sq"][:, 1:],
+                 "is_top1": torch.zeros_like(batch["mask"][:, 1:], dtype=torch.bool)},
+        inputs={"ref_chosen_logps": batch["ref_chosen"], "ref_rejected_logps": batch["ref_rejected"]},
+        args=SimpleNamespace(discopop_tau=0.05), beta=beta, label_smoothing=label_smoothing,
+        loss_types=loss_types, loss_weights=weights, ld_alpha=None, f_divergence_type="reverse_kl",
+        use_weighting=batch["use_weighting"],
     )  # fmt: skip
-    inputs = {
-        "input_ids": torch.zeros_like(mask, dtype=torch.long),
-        "attention_mask": torch.ones_like(mask, dtype=torch.long),
-        "completion_mask": mask.long(),
-        "ref_chosen_logps": batch["ref_chosen"],
-        "ref_rejected_logps": batch["ref_rejected"],
-    }
-    return dpo_trainer.DPOTrainer._compute_loss(stub, lambda **_: outputs, inputs, False)
+    return loss
 
 
 def _parity_batch(equal_lengths: bool, use_weighting: bool, batch: int = 6, seed: int = 1) -> dict[str, Any]:
@@ -475,9 +455,7 @@ def _parity_batch(equal_lengths: bool, use_weighting: bool, batch: int = 6, seed
     lengths = (
         torch.full((2 * batch,), 8) if equal_lengths else torch.randint(3, 13, (2 * batch,), generator=g)
     )
-    positions = torch.arange(13)
-    mask = (positions >= 1) & (positions <= lengths[:, None])
-    per_token = torch.where(mask, -1 - 2 * torch.rand(2 * batch, 13, generator=g, dtype=torch.float64), 0.0)
+    mask, per_token = completion_log_probs(lengths, g)
     log_sum_sq = -0.5 * torch.rand(2 * batch, 13, generator=g, dtype=torch.float64)
     ref = per_token.sum(1) + torch.randn(2 * batch, generator=g, dtype=torch.float64)
     return dict(

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from pairs_helpers import TEXTS, prompt, row, run_pairs, run_stage_script, table, user_pair, write_inputs
 
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import read_json, read_parquet, write_parquet
+from alignpipe.artifacts.io import read_json, read_parquet
 from alignpipe.pairs.build import (
     NoPairsError,
     build_pairs,
@@ -20,36 +18,9 @@ from alignpipe.pairs.build import (
     user_pair_rows,
     user_prompt_id,
 )
-from alignpipe.pairs.stage import histogram, pairs
+from alignpipe.pairs.stage import histogram
 from alignpipe.pairs.unpaired import user_example_rows
 from alignpipe.params import PairsParams
-
-ROOT = Path(__file__).resolve().parents[1]
-# Distinct enough that no pair is near-identical (difflib ratio well under 0.95).
-TEXTS = ["alpha one", "bravo two two", "charlie three", "delta four four four", "echo", "foxtrot six"]
-
-
-def prompt(pid: str) -> dict:
-    return {"prompt_id": pid, "prompt": [{"role": "user", "content": f"question {pid}"}], "meta": None}
-
-
-def row(pid: str, idx: int, reward: float, text: str | None = None, n_tokens: int = 5, finish: str = "stop"):
-    return {
-        "prompt_id": pid,
-        "sample_idx": idx,
-        "completion": TEXTS[idx] if text is None else text,
-        "n_tokens": n_tokens,
-        "finish_reason": finish,
-        "logprob": None,
-        "backend": "hf",
-        "seed": 0,
-        "reward": reward,
-        "reward_details": "{}",
-    }
-
-
-def table(rewards: list[float], pid: str = "p1", **kw) -> list[dict]:
-    return [row(pid, i, r, **kw) for i, r in enumerate(rewards)]
 
 
 def run(scored, prefs=(), prompt_ids=None, **params):
@@ -207,13 +178,8 @@ def test_eval_prompt_ids_edges():
 
 
 def test_user_pairs_mixed_in_and_split_with_their_prompt():
-    user_same = {
-        "pair_id": "u1",
-        "prompt": [{"role": "user", "content": "question p1"}],
-        "chosen": [{"role": "assistant", "content": "good"}],
-        "rejected": [{"role": "assistant", "content": "bad"}],
-    }
-    user_new = {**user_same, "pair_id": "u2", "prompt": [{"role": "user", "content": "mine"}]}
+    user_same = user_pair("u1", "question p1", "good", "bad")
+    user_new = user_pair("u2", "mine", "good", "bad")
     scored = table([1.0, 0.0]) + table([1.0, 0.0], pid="p2")
     train, evals, report = run(scored, prefs=[user_same, user_new], eval_fraction=0.5)
     rows = {r["pair_id"]: r for r in train + evals}
@@ -232,27 +198,22 @@ def test_user_pairs_mixed_in_and_split_with_their_prompt():
 def test_user_prompt_ids_are_pinned_and_the_same_for_pairs_and_unpaired_rows():
     """A new prompt gets "user-" + sha256(prompt key)[:16], the key being the JSON of its
     [role, content] list as written (non-ASCII kept), e.g. '[["user", "mine"]]'; a prompt of
-    prompts.parquet keeps its id. The ids were computed by hand; they are in committed data."""
+    prompts.parquet keeps its id. The two ids were computed by hand (sha256 of the key) before the
+    rule was shared: another id would move user rows across the split and stale their ref_logps."""
     mine = [{"role": "user", "content": "mine"}]
     accents = [{"role": "system", "content": "Sé breve."}, {"role": "user", "content": "¿Qué hora es?"}]
     known = {'[["user", "question p1"]]': "p1"}
     assert user_prompt_id(mine, {}) == "user-c8b93734efe83280"
     assert user_prompt_id(accents, {}) == "user-18610a7d7ad9cf58"
     assert user_prompt_id([{"role": "user", "content": "question p1"}], known) == "p1"
-    pref = {"pair_id": "u", "prompt": mine, "chosen": [], "rejected": []}
+    pref = user_pair("u", "mine")
     example = {"example_id": "e", "prompt": accents, "completion": [], "label": True}
     assert user_pair_rows([pref], known)[0]["prompt_id"] == "user-c8b93734efe83280"
     assert user_example_rows([example], known)[0]["prompt_id"] == "user-18610a7d7ad9cf58"
 
 
 def test_user_pairs_alone_are_enough():
-    pref = {
-        "pair_id": "u1",
-        "prompt": [{"role": "user", "content": "x"}],
-        "chosen": [{"role": "assistant", "content": "a"}],
-        "rejected": [{"role": "assistant", "content": "b"}],
-    }
-    train, _, report = run(table([1.0, 1.0]), prefs=[pref])
+    train, _, report = run(table([1.0, 1.0]), prefs=[user_pair("u1", "x")])
     assert ids(train) == ["u1"] and report["removed"]["tie"] == 1
 
 
@@ -272,33 +233,10 @@ def test_histogram_hand_computed():
     ]
 
 
-def _write_inputs(tmp_path: Path, scored: list[dict], with_prefs: bool = False) -> None:
-    (tmp_path / "prepared").mkdir()
-    write_parquet(scored, tmp_path / "scored.parquet", schema.SCORED)
-    pids = sorted({r["prompt_id"] for r in scored})
-    write_parquet([prompt(p) for p in pids], tmp_path / "prepared/prompts.parquet", schema.PROMPTS)
-    if with_prefs:
-        pref = {
-            "pair_id": "u1",
-            "prompt": [{"role": "user", "content": "x"}],
-            "chosen": [{"role": "assistant", "content": "a"}],
-            "rejected": [{"role": "assistant", "content": "b"}],
-        }
-        write_parquet([pref], tmp_path / "prepared/preferences.parquet", schema.PREFERENCES)
-
-
 def test_stage_writes_pairs_report_and_plots(tmp_path):
     scored = [r for p in range(10) for r in table([1.0, 0.0, 0.5], pid=f"q{p}")]
-    _write_inputs(tmp_path, scored, with_prefs=True)
-    report = pairs(
-        tmp_path / "scored.parquet",
-        tmp_path / "prepared/prompts.parquet",
-        tmp_path / "prepared",
-        tmp_path / "pairs",
-        tmp_path / "reports/pairs.json",
-        tmp_path / "reports/pairs",
-        PairsParams(eval_fraction=0.2),
-    )
+    write_inputs(tmp_path, scored, prefs=[user_pair("u1", "x")])
+    report = run_pairs(tmp_path, PairsParams(eval_fraction=0.2))
     train = read_parquet(tmp_path / "pairs/train.parquet", schema.PAIRS)
     evals = read_parquet(tmp_path / "pairs/eval.parquet", schema.PAIRS)
     assert len(train) + len(evals) == 11 and len(evals) >= 2
@@ -316,14 +254,9 @@ def test_stage_writes_pairs_report_and_plots(tmp_path):
 
 
 def test_stage_script_fails_in_one_line(tmp_path):
-    _write_inputs(tmp_path, table([1.0, 1.0]))
+    write_inputs(tmp_path, table([1.0, 1.0]))
     (tmp_path / "params.yaml").write_text(json.dumps({"pairs": {"drop_ties": True}}))
-    cmd = [sys.executable, str(ROOT / "stages/pairs.py"), "--scored", "scored.parquet", "--prompts",
-           "prepared/prompts.parquet", "--prepared", "prepared", "--out-dir", "pairs", "--unpaired-dir",
-           "unpaired", "--report", "pairs.json", "--plots-dir", "plots"]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
-    )
+    proc = run_stage_script(tmp_path)
     assert proc.returncode == 1
     assert (
         proc.stderr.startswith("error: no preference pair survived")

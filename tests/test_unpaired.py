@@ -7,18 +7,16 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_pairs import prompt, row, table
+from pairs_helpers import ROOT, prompt, row, run_pairs, run_stage_script, table, write_inputs
 
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import read_json, read_parquet, write_parquet
-from alignpipe.pairs.stage import label_histogram, pairs
+from alignpipe.artifacts.io import read_json, read_parquet
+from alignpipe.pairs.stage import label_histogram
 from alignpipe.pairs.unpaired import REMOVED, UnpairedError, build_unpaired
 from alignpipe.params import PairsParams, ParamsError, UnpairedParams, validate
 
-ROOT = Path(__file__).resolve().parents[1]
 # A spec of the built-in task: all lowercase, at most 3 words.
 SPEC = {"constraints": [{"family": "lowercase"}, {"family": "max_words", "n": 3}], "topic": None}
 WORDS = " ".join(f"w{i}" for i in range(20))  # 20 distinct tokens
@@ -311,22 +309,12 @@ def test_label_histogram_shares_bins_across_labels():
 # --- the stage --------------------------------------------------------------------------------------
 
 
-def _inputs(tmp_path, scored, user=None, meta=None):
-    write_parquet(scored, tmp_path / "scored.parquet", schema.SCORED)
-    prompts = [{**prompt(p), "meta": meta} for p in sorted({r["prompt_id"] for r in scored})]
-    write_parquet(prompts, tmp_path / "prepared/prompts.parquet", schema.PROMPTS)
-    if user is not None:
-        write_parquet(user, tmp_path / "prepared/unpaired.parquet", schema.UNPAIRED_PREPARED)
-
-
 def test_stage_writes_unpaired_files_report_and_label_plot(tmp_path):
     scored = [r for p in range(10) for r in table([1.0, 0.0, 0.5], pid=f"q{p}")]
     user = [{"example_id": "unpaired-1", "prompt": [{"role": "user", "content": "x"}],
              "completion": [{"role": "assistant", "content": "y"}], "label": True}]  # fmt: skip
-    _inputs(tmp_path, scored, user)
-    report = pairs(tmp_path / "scored.parquet", tmp_path / "prepared/prompts.parquet", tmp_path / "prepared",
-                   tmp_path / "pairs", tmp_path / "reports/pairs.json", tmp_path / "reports/pairs",
-                   PairsParams(eval_fraction=0.2), unpaired_dir=tmp_path / "unpaired")  # fmt: skip
+    write_inputs(tmp_path, scored, user=user)
+    report = run_pairs(tmp_path, PairsParams(eval_fraction=0.2), unpaired_dir=tmp_path / "unpaired")
     train = read_parquet(tmp_path / "unpaired/train.parquet", schema.UNPAIRED)
     evals = read_parquet(tmp_path / "unpaired/eval.parquet", schema.UNPAIRED)
     assert len(train) + len(evals) == 21  # 10 prompts x (1.0 desirable, 0.0 undesirable) + the user row
@@ -346,14 +334,9 @@ def test_stage_writes_unpaired_files_report_and_label_plot(tmp_path):
 
 
 def test_stage_script_verifier_without_spec_fails_in_one_line_and_writes_nothing(tmp_path):
-    _inputs(tmp_path, table([1.0, 0.0]))
+    write_inputs(tmp_path, table([1.0, 0.0]))
     (tmp_path / "params.yaml").write_text(json.dumps({"pairs": {"unpaired": {"label": "verifier"}}}))
-    cmd = [sys.executable, str(ROOT / "stages/pairs.py"), "--scored", "scored.parquet", "--prompts",
-           "prepared/prompts.parquet", "--prepared", "prepared", "--out-dir", "pairs", "--unpaired-dir",
-           "unpaired", "--report", "pairs.json", "--plots-dir", "plots"]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")}
-    )
+    proc = run_stage_script(tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: pairs.unpaired.label 'verifier' needs built-in prompts (a constraint spec in the prompt's "
@@ -436,9 +419,8 @@ def test_dvc_plots_show_draws_the_label_histogram(tmp_path):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / name)
     scored = table([1.0, 0.0, 0.5]) + table([0.5, 0.0], pid="p2")
-    _inputs(tmp_path / "in", scored)
-    pairs(tmp_path / "in/scored.parquet", tmp_path / "in/prepared/prompts.parquet", tmp_path / "in/prepared",
-          tmp_path / "in/pairs", tmp_path / "in/pairs.json", tmp_path / "reports/pairs", PairsParams())  # fmt: skip
+    write_inputs(tmp_path / "in", scored)
+    run_pairs(tmp_path / "in", PairsParams(), plots_dir=tmp_path / "reports/pairs")
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
     proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=tmp_path,
                           capture_output=True, text=True, check=True)  # fmt: skip
