@@ -1,0 +1,113 @@
+"""The log-prob path with pixel inputs on the tiny VLM: padded, packed, binned and shared-prompt layouts
+give the log-probs of the model's own forward, each image goes through the vision tower once per pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignpipe.core.logprobs import pack_row_tokens
+from alignpipe.testing_vlm import square_png, tiny_vlm, tiny_vlm_processor
+from alignpipe.vision.logprobs import (
+    VisionCompletionScorer,
+    collate_vision_pairs,
+    encode_vision_pair,
+    vision_pair_logps,
+)
+from alignpipe.vision.models import image_token_id, open_images
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def vision_row(i: int, name: str) -> dict:
+    """A pairs row: 'what colour is this square?' about a square of colour ``name``, of 3 lengths."""
+    return {
+        "pair_id": f"v{i}",
+        "prompt": [{"role": "user", "content": "what colour is this square?" + " please" * i}],
+        "chosen": [{"role": "assistant", "content": name}],
+        "rejected": [{"role": "assistant", "content": "the quick brown fox" + " x" * i}],
+        "images": [{"bytes": square_png(COLOURS[name]), "path": None}],
+    }
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    processor = tiny_vlm_processor()
+    return processor, tiny_vlm(processor)
+
+
+@pytest.fixture(scope="module")
+def pairs(vlm):
+    processor, _ = vlm
+    return [encode_vision_pair(processor, vision_row(i, n), max_length=128) for i, n in enumerate(COLOURS)]
+
+
+def reference_logps(model, processor, pair, row) -> tuple[float, float]:
+    """Summed completion log-probs from LlavaForConditionalGeneration's own forward, one sequence at a time."""
+    pixels = processor.image_processor(open_images(row["images"]), return_tensors="pt")["pixel_values"]
+    out = []
+    for seq in (pair.chosen, pair.rejected):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq.input_ids]), pixel_values=pixels).logits[0].double()
+        logps = logits.log_softmax(-1)
+        p = len(seq.prompt_ids)
+        out.append(sum(float(logps[p - 1 + t, tok]) for t, tok in enumerate(seq.completion_ids)))
+    return out[0], out[1]
+
+
+def test_each_prompt_has_its_image_tokens(vlm, pairs):
+    processor, model = vlm
+    image_token = image_token_id(model)
+    for pair in pairs:
+        assert pair.chosen.prompt_ids.count(image_token) == 4  # (16 / 8)^2 patches of one image
+        assert pair.pixel_inputs["pixel_values"].shape == (1, 3, 16, 16)
+        assert pair.chosen.completion_ids[-1] == processor.tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "binned", "shared"])
+def test_layouts_equal_the_models_own_forward(vlm, pairs, layout):
+    processor, model = vlm
+    scorer = VisionCompletionScorer(model).eval()
+    assert scorer.shares_prompt  # the tiny Llama is on sdpa: its language model takes shared-prompt batches
+    padding_free, row_tokens = layout != "padded", {"binned": 0}.get(layout)
+    if layout == "binned":
+        assert pack_row_tokens(scorer) == 0
+    batch = collate_vision_pairs(pairs, padding_free, processor.tokenizer.pad_token_id, image_token_id(model),
+                                 row_tokens=row_tokens, share_prompt=layout == "shared")  # fmt: skip
+    with torch.no_grad():
+        out = vision_pair_logps(scorer, batch)
+    rows = [vision_row(i, n) for i, n in enumerate(COLOURS)]
+    expected = torch.tensor([reference_logps(model, processor, p, r) for p, r in zip(pairs, rows, strict=True)],
+                            dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(out.chosen_logps.double(), expected[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.rejected_logps.double(), expected[:, 1], atol=1e-5, rtol=0)
+    shown = 1 if layout == "shared" else 2  # the prompt (and its 4 image tokens) once or twice per pair
+    assert batch.image_index.numel() == shown * 4 * len(pairs)
+
+
+def test_one_vision_pass_per_pair_and_equal_gradients(vlm, pairs):
+    """The vision tower sees each pair's image once (3 images for 6 sequences), and the shared-prompt
+    layout's gradients equal the padded layout's (the rejected side reads the chosen side's features)."""
+    processor, model = vlm
+    scorer = VisionCompletionScorer(model)
+    seen = []
+    hook = model.get_encoder(modality="image").register_forward_hook(
+        lambda m, i, o: seen.append(i[0].shape[0])
+    )
+    grads = {}
+    try:
+        for layout in ("padded", "shared"):
+            model.zero_grad()
+            batch = collate_vision_pairs(pairs, layout == "shared", processor.tokenizer.pad_token_id,
+                                         image_token_id(model), share_prompt=layout == "shared")  # fmt: skip
+            out = vision_pair_logps(scorer, batch)
+            (out.chosen_logps - out.rejected_logps).sum().backward()
+            grads[layout] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        hook.remove()
+    assert seen == [3, 3]
+    vision_grads = [n for n in grads["padded"] if "vision_tower" in n]
+    assert vision_grads  # the features are not detached: the tower gets gradients when it trains
+    assert grads["padded"].keys() == grads["shared"].keys()
+    for name, grad in grads["padded"].items():
+        torch.testing.assert_close(grads["shared"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
