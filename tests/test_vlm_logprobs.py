@@ -3,6 +3,9 @@ give the log-probs of the model's own forward, each image goes through the visio
 
 from __future__ import annotations
 
+import contextlib
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -111,3 +114,58 @@ def test_one_vision_pass_per_pair_and_equal_gradients(vlm, pairs):
     assert grads["padded"].keys() == grads["shared"].keys()
     for name, grad in grads["padded"].items():
         torch.testing.assert_close(grads["shared"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dpo_loss_parity_with_trl_on_a_vlm_batch(vlm, pairs):
+    """TRL 1.16's own code on the same VLM batch: its DataCollatorForVisionPreference tokenizes the rows
+    and its DPOTrainer.compute_ref_log_probs / _compute_loss (on a stub trainer, the real tiny VLMs with
+    TRL's fused LM head) give the log-probs and the sigmoid loss our shared-prompt path gives."""
+    from types import SimpleNamespace
+
+    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignpipe.core.objective import combined_loss
+
+    processor, _ = vlm
+    policy, ref = tiny_vlm(processor, seed=0), tiny_vlm(processor, seed=1)
+    ours = {}
+    for name, model in (("policy", policy), ("ref", ref)):
+        scorer = VisionCompletionScorer(model).eval()
+        batch = collate_vision_pairs(pairs, True, processor.tokenizer.pad_token_id, image_token_id(model),
+                                     share_prompt=True)  # fmt: skip
+        with torch.no_grad():
+            ours[name] = vision_pair_logps(scorer, batch)
+    rows = [vision_row(i, n) for i, n in enumerate(COLOURS)]
+    examples = [{"images": open_images(r["images"]), "prompt": r["prompt"], "chosen": r["chosen"],
+                 "rejected": r["rejected"]} for r in rows]  # fmt: skip
+    inputs = dpo_trainer.DataCollatorForVisionPreference(processor)(examples)
+    assert inputs["completion_mask"].sum(1).tolist() == [len(p.chosen.completion_ids) for p in pairs] + [
+        len(p.rejected.completion_ids) for p in pairs
+    ]  # TRL scores the tokens we score
+    add_fused_lm_head(
+        policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1")
+    )  # as DPOTrainer does
+    add_fused_lm_head(ref)
+    stub = SimpleNamespace(
+        model=policy, ref_model=ref, accelerator=SimpleNamespace(
+            device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t, autocast=contextlib.nullcontext,
+            unwrap_model=lambda m: m),
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None), beta=0.1, label_smoothing=0.0,
+        loss_types=["sigmoid"], loss_weights=[1.0], ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", use_weighting=False, aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+    )  # fmt: skip
+    trl_ref = dpo_trainer.DPOTrainer.compute_ref_log_probs(stub, ref, inputs)
+    torch.testing.assert_close(trl_ref[0], ours["ref"].chosen_logps, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(
+        trl_ref[1], ours["ref"].rejected_logps, atol=1e-5, rtol=1e-6
+    )  # float32 sums near -90
+    inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = trl_ref
+    with torch.no_grad():
+        trl_loss = dpo_trainer.DPOTrainer._compute_loss(stub, policy, inputs, False)
+    p, r = ours["policy"], ours["ref"]
+    loss = combined_loss(["sigmoid"], [1.0], p.chosen_logps, p.rejected_logps, r.chosen_logps, r.rejected_logps,
+                         beta=0.1, chosen_lengths=p.chosen_tokens, rejected_lengths=p.rejected_tokens)  # fmt: skip
+    torch.testing.assert_close(loss.mean(), trl_loss, atol=1e-6, rtol=0)
+    assert abs(float(trl_loss) - 0.6931) > 1e-3  # policy and reference differ: not the trivial ln 2

@@ -20,17 +20,19 @@ from alignpipe.testing import tiny_config, tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH_SIZE = 16, 8
-# ChatML with content parts: a string, or a list of {"type": "image"} / {"type": "text", "text": ...}.
+# ChatML with content parts: a string, or a list of {"type": "image"} / {"type": "text", "text": ...}. No
+# newline after the last message, so that the completion TRL's collator appends ends at the EOS, as ours.
 VLM_CHATML_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' + '\n' }}"
+    "{{ '<|im_end|>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '\n<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
