@@ -28,7 +28,9 @@ def vision_row(i: int, name: str) -> dict:
         "pair_id": f"v{i}",
         "prompt": [{"role": "user", "content": "what colour is this square?" + " please" * i}],
         "chosen": [{"role": "assistant", "content": name}],
-        "rejected": [{"role": "assistant", "content": "the quick brown fox" + " x" * i}],
+        "rejected": [
+            {"role": "assistant", "content": name + " the quick brown fox" + " x" * i}
+        ],  # shares a token
         "images": [{"bytes": square_png(COLOURS[name]), "path": None}],
     }
 
@@ -82,8 +84,9 @@ def test_layouts_equal_the_models_own_forward(vlm, pairs, layout):
     rows = [vision_row(i, n) for i, n in enumerate(COLOURS)]
     expected = torch.tensor([reference_logps(model, processor, p, r) for p, r in zip(pairs, rows, strict=True)],
                             dtype=torch.float64)  # fmt: skip
-    torch.testing.assert_close(out.chosen_logps.double(), expected[:, 0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.rejected_logps.double(), expected[:, 1], atol=1e-5, rtol=0)
+    # float32 sums of ~-130: rtol 1e-6 is float32's rounding; a wrong image feature moves them by ~1e-2
+    torch.testing.assert_close(out.chosen_logps.double(), expected[:, 0], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.rejected_logps.double(), expected[:, 1], atol=1e-5, rtol=1e-6)
     shown = 1 if layout == "shared" else 2  # the prompt (and its 4 image tokens) once or twice per pair
     assert batch.image_index.numel() == shown * 4 * len(pairs)
 

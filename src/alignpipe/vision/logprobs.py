@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from alignpipe.artifacts.pairs import EncodedPair, PairDataError
-from alignpipe.core.attention import NAME, register
+from alignpipe.core.attention import NAME, common_prefix, register
 from alignpipe.core.chat import ChatTemplateError, TruncationError
 from alignpipe.core.logprobs import (
     CompletionScorer,
@@ -92,7 +92,11 @@ def _sequence_starts(pairs: Sequence[EncodedPair], padding_free: bool, row_token
         starts, at = [], 0
         for p in pairs:
             starts.append(at)
-            at += len(p.chosen.input_ids) + len(p.rejected.input_ids) - len(p.chosen.prompt_ids)
+            at += (
+                len(p.chosen.input_ids)
+                + len(p.rejected.input_ids)
+                - common_prefix(p.chosen.input_ids, p.rejected.input_ids)
+            )
         return starts + starts
     lengths = [len(p.chosen.input_ids) for p in pairs] + [len(p.rejected.input_ids) for p in pairs]
     return _row_starts(lengths, padding_free, row_tokens)[2]
