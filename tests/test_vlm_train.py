@@ -104,3 +104,19 @@ def test_samples_are_seeded_and_their_logprob_is_the_scorers(trained):
     torch.testing.assert_close(
         torch.stack([out.chosen_logps[0], out.rejected_logps[0]]), expected, atol=1e-4, rtol=0
     )
+
+
+def test_python_reward_receives_images():
+    """The python reward gets per-completion image lists; a function without 'images' is refused when
+    there are images, and text scoring calls it as before."""
+    from alignpipe.rewards.base import RewardError
+    from alignpipe.rewards.python import PythonReward
+    from alignpipe.vision.models import open_images
+
+    reward = PythonReward("alignpipe.testing_vlm:colour_reward")
+    images = [open_images([{"bytes": square_png(COLOURS[c])}]) for c in ("red", "blue", "green")]
+    results = reward.score([PROMPT] * 3, ["red", "red", " Green"], [None] * 3, images=images)
+    assert [r.reward for r in results] == [1.0, 0.0, 1.0]
+    text_only = PythonReward("alignpipe.testing:tiny_tokenizer")  # any callable without 'images'
+    with pytest.raises(RewardError, match="the prompts have images; give it an 'images' parameter"):
+        text_only.score([PROMPT], ["red"], [None], images=images[:1])

@@ -93,6 +93,14 @@ def square_png(rgb: tuple[int, int, int], size: int = IMAGE_SIZE) -> bytes:
     return buffer.getvalue()
 
 
+def colour_reward(prompts: list, completions: list[str], images: list[list[Any]]) -> list[float]:
+    """A ``python`` reward for "what colour is this square?": 1.0 when the answer names the colour of
+    the prompt's (first) image, exactly; 0.0 otherwise."""
+    names = {(255, 0, 0): "red", (0, 255, 0): "green", (0, 0, 255): "blue"}
+    truth = [names.get(tuple(row[0].convert("RGB").getpixel((0, 0)))) for row in images]
+    return [float(answer.strip().lower() == t) for answer, t in zip(completions, truth, strict=True)]
+
+
 def save_tiny_vlm(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny VLM folder (safetensors, processor, tokenizer, chat template, generation config)."""
     out_dir = Path(out_dir)
