@@ -38,7 +38,7 @@ def trained():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return processor, model.eval(), losses, tower, batch
 
 
@@ -120,3 +120,58 @@ def test_python_reward_receives_images():
     text_only = PythonReward("alignpipe.testing:tiny_tokenizer")  # any callable without 'images'
     with pytest.raises(RewardError, match="the prompts have images; give it an 'images' parameter"):
         text_only.score([PROMPT], ["red"], [None], images=images[:1])
+
+
+def test_dpo_on_the_vlm_from_precomputed_reference_logps():
+    """DPO steps on colour pairs (chosen: the image's colour, rejected: another colour; the same text for
+    every image): at step 1 policy == reference, so the loss is ln 2 exactly; the reference log-probs
+    precomputed once (as ref_logps does) equal a live reference pass; after training the policy ranks
+    the true colour above the other one on every pair, with the vision tower frozen."""
+    import math
+
+    from alignpipe.core.objective import combined_loss
+    from alignpipe.vision.logprobs import (
+        VisionCompletionScorer,
+        collate_vision_pairs,
+        encode_vision_pair,
+        vision_pair_logps,
+    )
+    from alignpipe.vision.models import image_token_id
+
+    processor = tiny_vlm_processor()
+    names = list(COLOURS)
+    rows = [{"pair_id": f"{c}-{w}", "prompt": PROMPT, "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": w}], "images": [{"bytes": square_png(COLOURS[c])}]}
+            for c in names for w in names if w != c]  # fmt: skip
+    pairs = [encode_vision_pair(processor, row, max_length=64) for row in rows]
+    policy, reference = tiny_vlm(processor, seed=3), tiny_vlm(processor, seed=3)
+    set_trainable(policy)
+    pad, image = processor.tokenizer.pad_token_id, image_token_id(policy)
+    batch = collate_vision_pairs(pairs, True, pad, image, share_prompt=True)
+    ref_scorer = VisionCompletionScorer(reference).eval().requires_grad_(False)
+    with torch.no_grad():
+        ref = vision_pair_logps(ref_scorer, batch)  # precomputed once
+    scorer = VisionCompletionScorer(policy).train()
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(40):
+        out = vision_pair_logps(scorer, batch)
+        loss = combined_loss(["sigmoid"], [1.0], out.chosen_logps, out.rejected_logps, ref.chosen_logps,
+                             ref.rejected_logps, beta=0.1).mean()  # fmt: skip
+        if step == 0:
+            assert abs(float(loss) - math.log(2)) < 1e-6
+            with torch.no_grad():
+                live = vision_pair_logps(ref_scorer, collate_vision_pairs(pairs, False, pad, image))  # padded
+            torch.testing.assert_close(live.chosen_logps, ref.chosen_logps, atol=1e-4, rtol=1e-6)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.2 * losses[0]
+    with torch.no_grad():
+        final = vision_pair_logps(scorer.eval(), batch)
+    assert bool((final.chosen_logps > final.rejected_logps).all())  # each image's own colour wins
+    assert not any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in policy.get_encoder(modality="image").parameters()
+    )
