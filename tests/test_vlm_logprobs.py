@@ -172,3 +172,31 @@ def test_dpo_loss_parity_with_trl_on_a_vlm_batch(vlm, pairs):
                          beta=0.1, chosen_lengths=p.chosen_tokens, rejected_lengths=p.rejected_tokens)  # fmt: skip
     torch.testing.assert_close(loss.mean(), trl_loss, atol=1e-6, rtol=0)
     assert abs(float(trl_loss) - 0.6931) > 1e-3  # policy and reference differ: not the trivial ln 2
+
+
+def test_vision_pair_scores_read_from_parquet_are_batch_invariant(vlm, tmp_path):
+    """ref_logps' VLM path: pairs read back from parquet (PAIRS + images) score the same in batches of 1
+    and of 3, in the file's order, and equal the model's own forward."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignpipe.artifacts import schema
+    from alignpipe.testing import pair_row
+    from alignpipe.vision.logprobs import read_vision_pairs, vision_pair_scores
+
+    processor, model = vlm
+    rows = [{**pair_row(i), **vision_row(i, n)} for i, n in enumerate(COLOURS)]
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema.with_images(schema.PAIRS)), tmp_path / "train.parquet"
+    )
+    pairs = read_vision_pairs(tmp_path / "train.parquet", processor, max_length=128)
+    scorer = VisionCompletionScorer(model).eval()
+    pad = processor.tokenizer.pad_token_id
+    one, three = (vision_pair_scores(scorer, pairs, b, pad) for b in (1, 3))
+    assert one.pair_ids == three.pair_ids == ["v0", "v1", "v2"]
+    torch.testing.assert_close(one.chosen, three.chosen, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(one.rejected, three.rejected, atol=1e-5, rtol=1e-6)
+    expected = torch.tensor([reference_logps(model, processor, p, r) for p, r in zip(pairs, rows, strict=True)],
+                            dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(three.chosen, expected[:, 0], atol=1e-5, rtol=1e-6)
+    assert three.chosen_tokens.tolist() == [len(p.chosen.completion_ids) for p in pairs]

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet
 from alignpipe.artifacts.pairs import EncodedPair, PairDataError
+from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.attention import NAME, common_prefix, register
 from alignpipe.core.chat import ChatTemplateError, TruncationError
 from alignpipe.core.logprobs import (
@@ -30,7 +34,10 @@ from alignpipe.core.logprobs import (
     _logits_transform,
     _row_starts,
     collate_pairs,
+    length_sorted_batches,
+    pack_row_tokens,
     pair_logps,
+    shares_prompt,
 )
 from alignpipe.core.router import router_aux_loss, router_inputs
 from alignpipe.vision.models import encode_vision_completion, image_token_id
@@ -206,3 +213,40 @@ def vision_pair_logps(scorer: nn.Module, batch: VisionPairBatch, aligned: bool =
 def scorer_image_token(scorer: nn.Module) -> int:
     inner = getattr(scorer, "module", scorer)
     return image_token_id(inner.causal_lm)
+
+
+def read_vision_pairs(path: Path, processor: Any, max_length: int) -> list[VisionPair]:
+    """Read and encode a pairs parquet file with an ``images`` column (PAIRS + images); ids unique."""
+    rows = read_parquet(path, schema.with_images(schema.PAIRS))
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if row["pair_id"] in seen:
+            raise PairDataError(f"{path}: row {i}: field 'pair_id': duplicate id {row['pair_id']!r}")
+        seen.add(row["pair_id"])
+    return [encode_vision_pair(processor, row, max_length, where=str(path)) for row in rows]
+
+
+@torch.inference_mode()
+def vision_pair_scores(
+    scorer: VisionCompletionScorer,
+    pairs: Sequence[VisionPair],
+    batch_size: int,
+    pad_token_id: int,
+    padding_free: bool = True,
+    share_prompt: bool = True,
+) -> PairScores:
+    """:func:`alignpipe.core.logprobs.pair_scores` for VLM pairs: summed completion log-probs of ``pairs``
+    (in their order) under a frozen scorer, length-sorted batches, each pair's images through the tower once."""
+    device = next(scorer.parameters()).device
+    row_tokens, share = pack_row_tokens(scorer), share_prompt and shares_prompt(scorer)
+    image_token = scorer_image_token(scorer)
+    found: dict[str, tuple[float, float, int, int]] = {}
+    for index in length_sorted_batches(pairs, batch_size):
+        chunk = [pairs[i] for i in index]
+        batch = collate_vision_pairs(chunk, padding_free, pad_token_id, image_token, row_tokens, share).to(
+            device
+        )
+        out = vision_pair_logps(scorer, batch)
+        sides = (out.chosen_logps, out.rejected_logps, out.chosen_tokens, out.rejected_tokens)
+        found.update(zip(batch.batch.pair_ids, zip(*(t.tolist() for t in sides), strict=True), strict=True))
+    return PairScores.from_rows([p.pair_id for p in pairs], [found[p.pair_id] for p in pairs])
