@@ -15,6 +15,7 @@ could split an image's tokens); a completion is, keeping its start.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,11 +40,11 @@ def is_vision_config(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def is_vision_model_folder(path: str | os.PathLike, trust_remote_code: bool = False) -> bool:
-    """Whether the model folder (or hub id) at ``path`` holds a VLM (reads its config only)."""
-    from transformers import AutoConfig
-
-    return is_vision_config(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+def is_vision_model_folder(path: str | os.PathLike) -> bool:
+    """Whether the model folder at ``path`` holds a VLM: its ``config.json`` has a ``vision_config`` (read
+    as JSON, nothing loaded; a folder without one is not a VLM, and the text loaders say what is missing)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("vision_config") is not None
 
 
 def load_processor(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
