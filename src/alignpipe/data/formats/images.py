@@ -124,13 +124,9 @@ def with_images(
 
     def convert(record: Mapping[str, Any]) -> list[Row]:
         images = record.get("images", [record["image"]] if record.get("image") is not None else None)
-        stripped, parts = strip_image_parts(record)
-        if images is None:
-            if parts:
-                raise DataError(
-                    f"{parts} image part(s) but no 'images'", field="images", reason="missing_image"
-                )
+        if images is None:  # a text record: read exactly as before (an image part there is refused as such)
             return to_rows(record)
+        stripped, parts = strip_image_parts(record)
         if not isinstance(images, list):
             raise DataError(f"expected a list of images, got {type_name(images)}", field="images",
                             reason="wrong_type")  # fmt: skip
