@@ -10,6 +10,7 @@ their rewards, or no rows, which tells ``generate`` to sample and ``score`` to s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -129,17 +130,19 @@ def rated_rows(source: SourceParams, on_invalid: OnInvalid) -> tuple[list[Row], 
     return list(prompts.values()), rated, metrics
 
 
-def _prompt_key(prompt: list[dict[str, str]]) -> str:
-    return json.dumps([[m["role"], m["content"].strip()] for m in prompt])
+def _prompt_key(row: dict[str, Any]) -> str:
+    """A prompt's text and, for VLM rows, its images' sha256: the same question on another image differs."""
+    images = [hashlib.sha256(image["bytes"]).hexdigest() for image in row.get("images") or []]
+    return json.dumps([[m["role"], m["content"].strip()] for m in row["prompt"]] + images)
 
 
 def check_no_overlap(
     eval_rows: list[dict[str, Any]], train: dict[str, list[dict[str, Any]]], what: str = "eval prompt"
 ) -> None:
     """Eval prompts (``what``) must not appear among the train prompts or SFT prompts."""
-    eval_keys = {_prompt_key(r["prompt"]): r for r in eval_rows}
+    eval_keys = {_prompt_key(r): r for r in eval_rows}
     for name, rows in train.items():
-        shared = [r for r in rows if _prompt_key(r["prompt"]) in eval_keys]
+        shared = [r for r in rows if _prompt_key(r) in eval_keys]
         if shared:
             example = shared[0]["prompt"][-1]["content"][:80]
             raise DataError(
@@ -182,11 +185,19 @@ def prepare(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, rows in tables.items():
-            write_parquet(rows, Path(tmp) / f"{name}.parquet", OUTPUTS[name][3])
+            rows, table_schema = table_with_images(rows, OUTPUTS[name][3])
+            write_parquet(rows, Path(tmp) / f"{name}.parquet", table_schema)
         write_parquet(rated, Path(tmp) / "rated.parquet", schema.RATED)  # no rows: generate as usual
     write_json(metrics, metrics_path)
     timer.summary(sum(len(r) for r in tables.values()), "rows", **{k: v["rows"] for k, v in metrics.items()})
     return metrics
+
+
+def table_with_images(rows: list[Row], table_schema: Any) -> tuple[list[Row], Any]:
+    """(rows, schema) to write: with an ``images`` column (``[]`` on text rows) when any row has images."""
+    if not any("images" in row for row in rows):
+        return rows, table_schema
+    return [{"images": [], **row} for row in rows], schema.with_images(table_schema)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,16 @@ import pyarrow as pa
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
+# A VLM row's images: encoded bytes (png, jpeg, ...) and the source path, the layout `datasets` gives an
+# `Image` feature in parquet; they belong before the text of the prompt's first user message (TRL's place).
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+IMAGES = pa.list_(IMAGE)
+
+
+def with_images(schema: pa.Schema) -> pa.Schema:
+    """``schema`` plus the ``images`` column, for a table whose rows carry images (VLM data)."""
+    return schema.append(pa.field("images", IMAGES))
+
 
 # data/prepared/sft.parquet: a prompt (messages) and its assistant completion (messages).
 SFT = pa.schema([("id", pa.string()), ("prompt", MESSAGES), ("completion", MESSAGES), ("meta", pa.string())])

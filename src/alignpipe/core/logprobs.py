@@ -297,17 +297,11 @@ class CompletionScorer(nn.Module):
         return logps, logps.detach() - log_sum_p2
 
 
-def pair_logps(scorer: nn.Module, batch: PairBatch, aligned: bool = False) -> PairLogps:
-    """Summed completion log-probs of every pair of ``batch`` under ``scorer`` (a CompletionScorer)."""
-    token_logps, token_aligned = scorer(
-        batch.input_ids,
-        batch.position_ids,
-        batch.attention_mask,
-        batch.predict_index,
-        batch.target_ids,
-        aligned,
-        batch.segments,
-    )
+def pair_logps(scorer: nn.Module, batch: PairBatch, aligned: bool = False, **inputs: Tensor) -> PairLogps:
+    """Summed completion log-probs of every pair of ``batch`` under ``scorer`` (a CompletionScorer);
+    ``inputs``: a VLM scorer's image inputs (:mod:`alignpipe.vision.logprobs`)."""
+    ids = (batch.input_ids, batch.position_ids, batch.attention_mask, batch.predict_index, batch.target_ids)
+    token_logps, token_aligned = scorer(*ids, aligned, batch.segments, **inputs)
     b = batch.n_pairs
 
     def per_sequence(values: Tensor) -> Tensor:

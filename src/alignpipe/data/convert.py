@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Protocol
 from alignpipe.data.errors import DataError, Where
 from alignpipe.data.formats.base import Drops, FormatOptions, Kind, OnInvalid
 from alignpipe.data.formats.detect import FORMATS, detect
+from alignpipe.data.formats.images import with_images
 from alignpipe.data.formats.llamafactory import llamafactory_rows
 from alignpipe.data.formats.messages import Row, extract_prompt
 from alignpipe.data.formats.oasst import OasstReader
@@ -91,8 +92,11 @@ class RecordReader:
         return ()
 
 
-def make_reader(fmt: str, kind: Kind, options: FormatOptions, drops: Drops) -> Reader:
-    """The reader of format ``fmt`` for ``kind`` rows."""
+def make_reader(
+    fmt: str, kind: Kind, options: FormatOptions, drops: Drops, image_dir: Path | None = None
+) -> Reader:
+    """The reader of format ``fmt`` for ``kind`` rows; TRL records' images are read from ``image_dir``
+    (the data file's folder) when relative (:mod:`alignpipe.data.formats.images`)."""
     if kind == "unpaired" and fmt not in UNPAIRED_FORMATS:
         raise DataError(
             f"format {fmt!r} has no unpaired (labelled) rows; unpaired feedback is read as trl "
@@ -100,7 +104,7 @@ def make_reader(fmt: str, kind: Kind, options: FormatOptions, drops: Drops) -> R
             reason="bad_format",
         )
     if fmt == "trl":
-        return RecordReader(lambda record: trl_rows(record, kind))
+        return RecordReader(with_images(lambda record: trl_rows(record, kind), image_dir))
     if fmt == "hh":
         return RecordReader(lambda record: hh_rows(record, kind))
     if fmt == "sharegpt":
@@ -116,8 +120,17 @@ def make_reader(fmt: str, kind: Kind, options: FormatOptions, drops: Drops) -> R
     )
 
 
+def _bytes_digest(value: Any) -> str:
+    """An image's bytes in a row's canonical JSON: their sha256 (text rows have none)."""
+    if isinstance(value, bytes):
+        return hashlib.sha256(value).hexdigest()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
 def _digest(row: Mapping[str, Any]) -> str:
-    canonical = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    canonical = json.dumps(
+        row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_bytes_digest
+    )
     return hashlib.sha1(canonical.encode("utf-8")).hexdigest()
 
 
@@ -196,8 +209,16 @@ def convert_source(
         raise ValueError(f"kind must be one of {sorted(ID_COLUMNS)}, on_invalid 'error' or 'drop'")
     options = options or FormatOptions()
     drops = Drops(on_invalid)
+    image_dir = (
+        None if source.startswith("hf:") else (Path(base_dir or ".") / Path(source).expanduser()).parent
+    )
     fmt, rows = _read(
-        source, base_dir, options.format, part, lambda f: make_reader(f, kind, options, drops), drops
+        source,
+        base_dir,
+        options.format,
+        part,
+        lambda f: make_reader(f, kind, options, drops, image_dir),
+        drops,
     )
     collected = _Collector(kind, source)
     collected.add(rows)

@@ -1,5 +1,8 @@
 """``reward.kind: python``: a user function ``module:function(prompts, completions) -> list[float]``.
 
+For VLM prompts (an ``images`` column) the function is called with ``images=`` too: per completion, the
+list of its prompt's images (PIL, RGB); a function without an ``images`` parameter is then refused.
+
 The module is imported by its name only (``importlib.import_module``), never run from a
 file path. It must be importable: installed, on ``PYTHONPATH``, or a file in the working
 directory (the repository root under ``dvc repro``, which is added to the end of
@@ -9,6 +12,7 @@ directory (the repository root under ``dvc repro``, which is added to the end of
 from __future__ import annotations
 
 import importlib
+import inspect
 import numbers
 import os
 import sys
@@ -28,16 +32,33 @@ class PythonReward:
         self.fn = load_function(function)
 
     def score(
-        self, prompts: Sequence[list[Message]], completions: Sequence[str], metas: Sequence[str | None]
+        self,
+        prompts: Sequence[list[Message]],
+        completions: Sequence[str],
+        metas: Sequence[str | None],
+        images: Sequence[list[Any]] | None = None,
     ) -> list[RewardResult]:
+        kwargs = {} if images is None else {"images": list(images)}
+        if images is not None and not _takes_images(self.fn):
+            raise RewardError(
+                f"reward.function {self.spec!r}: the prompts have images; give it an 'images' parameter"
+            )
         try:
-            out = self.fn(list(prompts), list(completions))
+            out = self.fn(list(prompts), list(completions), **kwargs)
         except Exception as exc:  # noqa: BLE001 - user code: name the function in the message
             raise RewardError(f"reward.function {self.spec!r} raised {type(exc).__name__}: {exc}") from exc
         return [RewardResult(value) for value in _as_floats(out, len(completions), self.spec)]
 
     def close(self) -> None:
         pass
+
+
+def _takes_images(fn: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let the call tell
+        return True
+    return any(p.name == "images" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def load_function(spec: str) -> Callable[..., Any]:
