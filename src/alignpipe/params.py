@@ -925,6 +925,77 @@ class EvaluateParams(SamplingParams):
     _samples = field_validator("n")(_check_samples)
 
 
+def round_policy(k: int) -> str:
+    """The policy folder of round ``k``: round 1 is the default DAG's ``models/dpo``."""
+    return "models/dpo" if k == 1 else f"models/round-{k}/dpo"
+
+
+class RoundItem(Section):
+    """One round after the first (an entry of ``rounds.extra``, keyed ``round-<k>``)."""
+
+    previous: str = Field(
+        description="The policy this round starts from and samples with: round k-1's (models/dpo for "
+        "round-2, models/round-<k-1>/dpo after it); written out because DVC templating has no arithmetic.",
+    )
+    generate: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the generate section for this round, e.g. {seed: 1} ({}: none).",
+    )
+    dpo: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the dpo section for this round, e.g. {beta: 0.2, max_steps: 20} ({}: none).",
+    )
+
+
+class RoundsParams(Section):
+    """Iterative on-policy DPO: rounds after the first, laid out in dvc.yaml by ``foreach: ${rounds.extra}``."""
+
+    reference: Literal["sft", "previous"] = Field(
+        "sft",
+        description="Reference of rounds 2+: sft (models/sft) or previous (the policy the round starts from); "
+        "it sets whose log-probs ref_logps caches (dpo.reference: precomputed).",
+    )
+    prompts: Literal["same", "fresh"] = Field(
+        "same",
+        description="Prompts of rounds 2+: same (every train prompt, as round 1) or fresh (a different "
+        "deterministic subset per round, rounds.fresh_fraction of them, drawn by a hash of round and prompt id).",
+    )
+    fresh_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.5, description="rounds.prompts: fresh: share of the train prompts each round k >= 2 samples on."
+    )
+    final: str = Field(
+        "models/dpo",
+        description="The last round's policy, which evaluate reports as dpo: models/dpo with one round, "
+        "models/round-<K>/dpo with K rounds.",
+    )
+    extra: dict[str, RoundItem] = Field(
+        default_factory=dict,
+        description="Rounds after the first, keyed round-2, round-3, ... in order ({}: one round, the "
+        "default DAG).",
+    )
+
+    @model_validator(mode="after")
+    def _chain(self) -> RoundsParams:
+        for k, (key, item) in enumerate(self.extra.items(), start=2):
+            if key != f"round-{k}":
+                raise ValueError(
+                    f"rounds.extra: key {key!r} should be 'round-{k}' (keys round-2, round-3, ...)"
+                )
+            if item.previous != round_policy(k - 1):
+                raise ValueError(
+                    f"rounds.extra.{key}.previous: {item.previous!r} should be {round_policy(k - 1)!r} "
+                    "(the policy of the round before)"
+                )
+        last = round_policy(len(self.extra) + 1)
+        if self.final != last:
+            raise ValueError(f"rounds.final: {self.final!r} should be {last!r} (the last round's policy)")
+        return self
+
+    def policies(self) -> dict[int, str]:
+        """Round number -> policy folder, rounds 1..K."""
+        return {k: round_policy(k) for k in range(1, len(self.extra) + 2)}
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -942,6 +1013,9 @@ class Params(Section):
     ref_logps: RefLogpsParams = Field(RefLogpsParams(), description="Reference log-probs (stage ref_logps).")
     dpo: DpoParams = Field(DpoParams(), description="Preference training (stage dpo).")
     evaluate: EvaluateParams = Field(EvaluateParams(), description="Comparing the models (stage evaluate).")
+    rounds: RoundsParams = Field(
+        RoundsParams(), description="Iterative DPO rounds after the first (the *_round stages in dvc.yaml)."
+    )
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
@@ -955,6 +1029,16 @@ class Params(Section):
                 f"generate.n: {self.generate.n} sample per prompt gives no pairs to compare; "
                 "set generate.n >= 2 or bring your own pairs (data.preferences.source)"
             )
+        if self.rounds.extra and self.rounds.reference == "sft" and self.dpo.reference == "live":
+            raise ValueError(
+                "rounds.reference: sft with dpo.reference: live: a live reference is the round's starting "
+                "policy; use dpo.reference: precomputed (ref_logps caches the SFT log-probs per round)"
+            )
+        for key, item in self.rounds.extra.items():  # a typo in an override fails before any stage runs
+            for name in ("generate", "dpo"):
+                section = getattr(self, name)
+                merged = merged_over(section.model_dump(), getattr(item, name))
+                validate(type(section), merged, prefix=f"rounds.extra.{key}.{name}")
         return self
 
 
@@ -1059,6 +1143,10 @@ def load_section(section: Literal["dpo"], path: str | os.PathLike = ...) -> DpoP
 def load_section(section: Literal["evaluate"], path: str | os.PathLike = ...) -> EvaluateParams: ...
 
 
+@typing.overload
+def load_section(section: Literal["rounds"], path: str | os.PathLike = ...) -> RoundsParams: ...
+
+
 def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Section:
     """Load one section (e.g. ``"dpo"``) through its model, after checking the whole file: a rule
     across sections (``generate.n: 1`` without ``data.preferences.source``) stops the first stage
@@ -1102,6 +1190,34 @@ def section_help(*sections: str) -> str:
 
 
 TRACE_ENV = "ALIGNPIPE_PARAMS_TRACE"
+
+
+S = typing.TypeVar("S", bound=Section)
+
+
+def merged_over(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top, nested sections merged key by key (dpo.peft.r alone keeps the rest)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = merged_over(base[key], value) if nested else value
+    return out
+
+
+def for_round(loaded: S, round_key: str | None, path: str | os.PathLike = "params.yaml") -> S:
+    """``loaded`` (a generate or dpo section) with round ``round_key``'s overrides from
+    ``rounds.extra.<round_key>.<section>`` on top (None: round 1, the section as it is)."""
+    if round_key is None:
+        return loaded
+    name = next(n for n, f in Params.model_fields.items() if f.annotation is type(loaded))
+    rounds = validate(RoundsParams, read_yaml(path).get("rounds"), where=str(path), prefix="rounds")
+    if round_key not in rounds.extra:
+        raise ParamsError(f"{path}: rounds.extra has no {round_key!r} (rounds: {', '.join(rounds.extra)})")
+    overrides = getattr(rounds.extra[round_key], name, {})
+    merged = merged_over(loaded.model_dump(), overrides)
+    return typing.cast(
+        S, validate(type(loaded), merged, where=str(path), prefix=f"rounds.extra.{round_key}.{name}")
+    )
 
 
 class ParamsTrace:
