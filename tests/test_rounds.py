@@ -1,0 +1,201 @@
+"""Iterative DPO rounds: params checks, the default DAG unchanged, and a 2-round tiny DAG end to end
+(a round-2 knob reruns only round 2 and evaluate; round 2's dpo resumes after a SIGKILL)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import shutil
+import sys
+
+import pytest
+import yaml
+from faults import TINY, artifact_digests, file_appears, run_process
+from workspace import ROOT, dvc, env, make_workspace, ran_stages, set_params
+
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import read_parquet
+from alignpipe.evaluate.rounds import round_rows, rounds_markdown, with_rounds
+from alignpipe.orchestration.dag import stage_command
+from alignpipe.params import ParamsError, for_round, load_section, round_policy, validate
+from alignpipe.params import Params as AllParams
+from alignpipe.round_prompts import fresh_subset
+
+DEFAULT_STAGES = ["base_model", "prepare", "sft", "generate", "reward_model", "score", "pairs", "ref_logps",
+                  "dpo", "evaluate"]  # fmt: skip
+ROUND_STEPS = ["round_prompts", "generate_round", "score_round", "pairs_round", "ref_logps_round", "dpo_round"]
+
+
+def two_rounds(**round2) -> dict:
+    item = {"previous": "models/dpo", "generate": {}, "dpo": {}, **round2}
+    return {"rounds": {"final": "models/round-2/dpo", "extra": {"round-2": item}}}
+
+
+def rendered(workspace) -> dict:
+    """Stage name -> (cmd, deps, outs, params) as DVC renders dvc.yaml with the workspace's params."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        return {
+            s.name: (
+                s.cmd,
+                sorted(d.def_path for d in s.deps if not isinstance(d, ParamsDependency)),
+                sorted(o.def_path for o in s.outs),
+                sorted(k for d in s.deps if isinstance(d, ParamsDependency) for k in d.params),
+            )
+            for s in repo.index.stages
+        }
+
+
+# --------------------------------------------------------------------------------------------- fast
+
+
+def test_default_params_render_todays_stages_as_the_committed_lock_has_them():
+    """One round (rounds.extra: {}): no round stage exists, and every stage's cmd, deps and outs are the
+    ones dvc.lock recorded, so the committed baseline stays valid (evaluate gains param rounds and the plot
+    reports/eval/rounds.csv only)."""
+    stages = rendered(ROOT)
+    assert sorted(stages) == sorted(DEFAULT_STAGES)
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    for name, (cmd, deps, outs, params) in stages.items():
+        assert " ".join(cmd.split()) == " ".join(lock[name]["cmd"].split()), name
+        assert deps == sorted(d["path"] for d in lock[name].get("deps", [])), name
+        new = {"reports/eval/rounds.csv"} if name == "evaluate" else set()
+        assert set(outs) - new == {o["path"] for o in lock[name].get("outs", [])}, name
+        new = {"rounds"} if name == "evaluate" else set()
+        assert set(params) - new == set(lock[name].get("params", {}).get("params.yaml", {})), name
+
+
+def test_two_rounds_add_one_stage_per_step_and_evaluate_reads_the_last_policy(tmp_path):
+    ws = make_workspace(tmp_path / "ws", two_rounds())
+    stages = rendered(ws)
+    assert sorted(stages) == sorted(DEFAULT_STAGES + [f"{s}@round-2" for s in ROUND_STEPS])
+    cmd, deps, *_ = stages["dpo_round@round-2"]
+    assert "--model models/dpo" in cmd and "--out models/round-2/dpo" in cmd and "models/dpo" in deps
+    assert "--checkpoints checkpoints/round-2/dpo" in cmd
+    assert stages["generate_round@round-2"][2] == ["data/round-2/generations", "reports/round-2/generate.json"]
+    cmd, deps, *_ = stages["evaluate"]
+    assert "--dpo models/round-2/dpo" in cmd and "models/round-2/dpo" in deps and "models/dpo" not in deps
+    dag = dvc(ws, "dag", "--dot").stdout
+    assert '"dpo" -> "generate_round@round-2"' in dag and '"dpo_round@round-2" -> "evaluate"' in dag
+
+
+@pytest.mark.parametrize(
+    ("rounds", "expected"),
+    [
+        ({"final": "models/round-2/dpo", "extra": {"round-3": {"previous": "models/dpo"}}}, "should be 'round-2'"),
+        ({"final": "models/round-2/dpo", "extra": {"round-2": {"previous": "models/sft"}}},
+         "rounds.extra.round-2.previous: 'models/sft' should be 'models/dpo'"),
+        ({"extra": {"round-2": {"previous": "models/dpo"}}}, "rounds.final: 'models/dpo' should be 'models/round-2/dpo'"),
+        ({"final": "models/round-2/dpo", "extra": {"round-2": {"previous": "models/dpo", "dpo": {"betta": 1}}}},
+         "rounds.extra.round-2.dpo.betta: unknown key"),
+        ({"reference": "parent"}, "rounds.reference"),
+    ],
+)  # fmt: skip
+def test_bad_rounds_name_the_key(rounds, expected):
+    with pytest.raises(ParamsError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+        validate(AllParams, {"rounds": rounds})
+
+
+def test_a_live_reference_cannot_be_sft_in_later_rounds():
+    with pytest.raises(ParamsError, match="dpo.reference: live"):
+        validate(AllParams, {**two_rounds(), "dpo": {"reference": "live"}})
+
+
+def test_round_overrides_merge_over_the_section(tmp_path):
+    path = tmp_path / "params.yaml"
+    params = two_rounds(generate={"seed": 7}, dpo={"beta": 0.25, "peft": {"r": 4}})
+    path.write_text(yaml.safe_dump({"dpo": {"beta": 0.1, "max_steps": 5, "peft": {"alpha": 8}}, **params}))
+    dpo = load_section("dpo", path)
+    assert for_round(dpo, None, path) is dpo
+    merged = for_round(dpo, "round-2", path)
+    assert (merged.beta, merged.max_steps, merged.peft.r, merged.peft.alpha) == (0.25, 5, 4, 8)
+    assert for_round(load_section("generate", path), "round-2", path).seed == 7
+    with pytest.raises(ParamsError, match="no 'round-3'"):
+        for_round(dpo, "round-3", path)
+    assert [round_policy(k) for k in (1, 2, 3)] == ["models/dpo", "models/round-2/dpo", "models/round-3/dpo"]
+
+
+def test_fresh_prompts_are_a_stable_different_subset_per_round():
+    rows = [{"prompt_id": f"p{i}"} for i in range(40)]
+    two, again, three = (fresh_subset(rows, k, 0.25) for k in ("round-2", "round-2", "round-3"))
+    assert len(two) == len(three) == 10 and two == again and two != three
+    assert [r["prompt_id"] for r in two] == sorted((r["prompt_id"] for r in two), key=lambda p: int(p[1:]))
+    assert len(fresh_subset(rows[:3], "round-2", 0.01)) == 1
+
+
+def test_rounds_table_lists_sft_then_each_round():
+    entry = {"pass_rate": 0.5, "win_rate": 0.5, "win_rate_ci": [0.5, 0.5]}
+    metrics = {"sft": entry, "dpo_round_1": {"pass_rate": 0.6, "win_rate": 0.7, "win_rate_ci": [0.6, 0.8],
+               "kl": 1.5}, "dpo": {"pass_rate": 0.7, "win_rate": 0.8, "win_rate_ci": None}, "kl": 2.5}  # fmt: skip
+    models = with_rounds(["sft", "dpo"], ["dpo_round_1"])
+    assert models == ["sft", "dpo_round_1", "dpo"]
+    rows = round_rows(metrics, models)
+    assert [(r["round"], r["model"], r["kl"]) for r in rows] == [(0, "sft", 0.0), (1, "dpo_round_1", 1.5),
+                                                                 (2, "dpo", 2.5)]  # fmt: skip
+    assert rows[2]["win_rate_low"] == "" and "| 2 | dpo | 0.700 | 0.800 [n/a, n/a] | 2.5000 |" in "\n".join(
+        rounds_markdown(metrics, models)
+    )
+    assert rounds_markdown(metrics, ["sft", "dpo"]) == []  # one round: no rounds table
+
+
+# --------------------------------------------------------------------------------- end to end (dvc)
+
+# faults.TINY (dpo: 9 steps x 2 epochs, a checkpoint every 3 steps), one short dpo epoch per round
+ROUND_TINY = {**TINY, "dpo": {**TINY["dpo"], "epochs": 1}, "evaluate": {**TINY["evaluate"], "n_examples": 1}}
+
+
+@pytest.mark.slow
+def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_path, tiny_model_dir):
+    ws = make_workspace(
+        tmp_path / "ws",
+        {**ROUND_TINY, "base_model": {"source": str(tiny_model_dir)}, **two_rounds(generate={"seed": 1})},
+    )
+    first = dvc(ws, "repro")
+    assert sorted(ran_stages(first.stdout)) == sorted(DEFAULT_STAGES + [f"{s}@round-2" for s in ROUND_STEPS])
+    assert (ws / "models/round-2/dpo/model.safetensors").exists()
+    assert read_parquet(ws / "data/round-2/prompts.parquet", schema.PROMPTS) == read_parquet(
+        ws / "data/prepared/prompts.parquet", schema.PROMPTS
+    )  # rounds.prompts: same
+    eval_json = json.loads((ws / "reports/eval.json").read_text())
+    assert {"sft", "dpo", "dpo_round_1"} <= set(eval_json) and "dpo_round_2" not in eval_json
+    assert eval_json["dpo"]["samples"] == eval_json["dpo_round_1"]["samples"] == eval_json["prompts"]
+    assert eval_json["dpo_round_1"]["kl"] is not None and len(eval_json["dpo"]["win_rate_ci"]) == 2
+    with (ws / "reports/eval/rounds.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["round"], r["model"]) for r in rows] == [("0", "sft"), ("1", "dpo_round_1"), ("2", "dpo")]
+    assert float(rows[2]["kl"]) == pytest.approx(eval_json["kl"])
+    md = (ws / "reports/eval.md").read_text()
+    assert "## Rounds" in md and "DPO round 1 (reward" in md  # answers side by side across rounds
+    assert dvc(ws, "status").stdout.strip().endswith("up to date.")
+    assert dvc(ws, "plots", "show", "--json").returncode == 0
+
+    # a round-2 dpo knob: round 2's reference pass (it reads the round's dpo lengths) and training, evaluate
+    set_params(ws, two_rounds(generate={"seed": 1}, dpo={"beta": 0.2}))
+    dry = dvc(ws, "repro", "--dry")
+    assert sorted(ran_stages(dry.stdout)) == ["dpo_round@round-2", "evaluate", "ref_logps_round@round-2"]
+    set_params(ws, two_rounds(generate={"seed": 1}))  # back: everything is up to date again
+    assert dvc(ws, "status").stdout.strip().endswith("up to date.")
+
+    # kill round 2's dpo after its first checkpoint; the rerun resumes and ends as the uninterrupted run
+    outs = ("models/round-2/dpo", "reports/round-2/dpo/metrics.json")
+    straight = artifact_digests(ws, outs)
+    shutil.rmtree(ws / "checkpoints/round-2/dpo")
+    argv = shlex.split(stage_command(ws, "dpo_round@round-2"))
+    argv = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+    trigger = file_appears(ws, "checkpoints/round-2/dpo/step-*/trainer_state.json")
+    for attempt, delay in enumerate((0.5, 0.1, 0.0)):
+        killed = run_process(argv, ws, {**env(), "PYTHONPATH": str(ws / "src")}, tmp_path / f"kill{attempt}.log",
+                             trigger=trigger, kill_after=delay)  # fmt: skip
+        if killed.killed:
+            break
+        shutil.rmtree(ws / "checkpoints/round-2/dpo")
+    assert killed.killed, killed.log[-2000:]
+    shutil.rmtree(ws / "models/round-2/dpo")  # as a first run killed mid-way has no model yet
+    resumed = dvc(ws, "repro", "dpo_round@round-2")
+    assert ran_stages(resumed.stdout) == ["dpo_round@round-2"]
+    assert "dpo: resuming from" in resumed.stdout + resumed.stderr
+    assert artifact_digests(ws, outs) == straight
+    assert ran_stages(dvc(ws, "repro").stdout) == []  # the same policy: evaluate stays up to date
