@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PKG = SRC / "alignpipe"
 # a foreach stage (the *_round stages of rounds 2+) is checked through its `do` template
-DVC = {name: st.get("do", st) for name, st in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
+DVC = {
+    name: st.get("do", st) for name, st in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
+}
 SIZE_EXEMPT = {
     # the params schema: nine sections, every field with its description and checks (the Prefect form
     # and --help read them); it is one concept, a split would put a section's fields and checks apart

@@ -12,7 +12,9 @@ from alignpipe.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 # a foreach stage (the *_round stages of rounds 2+) is checked through its `do` template
-DVC = {name: st.get("do", st) for name, st in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
+DVC = {
+    name: st.get("do", st) for name, st in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
+}
 
 
 def step(name: str) -> str:

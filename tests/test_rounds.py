@@ -18,13 +18,19 @@ from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet
 from alignpipe.evaluate.rounds import round_rows, rounds_markdown, with_rounds
 from alignpipe.orchestration.dag import stage_command
-from alignpipe.params import ParamsError, for_round, load_section, round_policy, validate
-from alignpipe.params import Params as AllParams
+from alignpipe.params import Params, ParamsError, for_round, load_section, round_policy, validate
 from alignpipe.round_prompts import fresh_subset
 
 DEFAULT_STAGES = ["base_model", "prepare", "sft", "generate", "reward_model", "score", "pairs", "ref_logps",
                   "dpo", "evaluate"]  # fmt: skip
-ROUND_STEPS = ["round_prompts", "generate_round", "score_round", "pairs_round", "ref_logps_round", "dpo_round"]
+ROUND_STEPS = [
+    "round_prompts",
+    "generate_round",
+    "score_round",
+    "pairs_round",
+    "ref_logps_round",
+    "dpo_round",
+]
 
 
 def two_rounds(**round2) -> dict:
@@ -75,7 +81,10 @@ def test_two_rounds_add_one_stage_per_step_and_evaluate_reads_the_last_policy(tm
     cmd, deps, *_ = stages["dpo_round@round-2"]
     assert "--model models/dpo" in cmd and "--out models/round-2/dpo" in cmd and "models/dpo" in deps
     assert "--checkpoints checkpoints/round-2/dpo" in cmd
-    assert stages["generate_round@round-2"][2] == ["data/round-2/generations", "reports/round-2/generate.json"]
+    assert stages["generate_round@round-2"][2] == [
+        "data/round-2/generations",
+        "reports/round-2/generate.json",
+    ]
     cmd, deps, *_ = stages["evaluate"]
     assert "--dpo models/round-2/dpo" in cmd and "models/round-2/dpo" in deps and "models/dpo" not in deps
     dag = dvc(ws, "dag", "--dot").stdout
@@ -96,12 +105,12 @@ def test_two_rounds_add_one_stage_per_step_and_evaluate_reads_the_last_policy(tm
 )  # fmt: skip
 def test_bad_rounds_name_the_key(rounds, expected):
     with pytest.raises(ParamsError, match=expected.replace(".", r"\.").replace("(", r"\(")):
-        validate(AllParams, {"rounds": rounds})
+        validate(Params, {"rounds": rounds})
 
 
 def test_a_live_reference_cannot_be_sft_in_later_rounds():
     with pytest.raises(ParamsError, match="dpo.reference: live"):
-        validate(AllParams, {**two_rounds(), "dpo": {"reference": "live"}})
+        validate(Params, {**two_rounds(), "dpo": {"reference": "live"}})
 
 
 def test_round_overrides_merge_over_the_section(tmp_path):
