@@ -73,6 +73,15 @@ def stage_argv(ws: Path, stage: str) -> list[str]:
     """The stage's command from ``dvc.yaml`` (launchers resolved to this interpreter)."""
     cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][stage]["cmd"]
     cmd = re.sub(r"\$\{\w+\.launcher\}", "python", " ".join(cmd.split()))
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+
+    def value(match: re.Match[str]) -> str:  # any other ${section.key}, e.g. evaluate's ${rounds.final}
+        found: object = params
+        for part in match.group(1).split("."):
+            found = found[part]  # type: ignore[index]
+        return str(found)
+
+    cmd = re.sub(r"\$\{([\w.-]+)\}", value, cmd)
     argv = shlex.split(cmd)
     return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 from faults import TINY, artifact_digests, file_appears, run_process
-from workspace import ROOT, dvc, env, make_workspace, ran_stages, set_params
+from workspace import ROOT, dvc, env, make_workspace, ran_stages
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet
@@ -36,6 +36,14 @@ ROUND_STEPS = [
 def two_rounds(**round2) -> dict:
     item = {"previous": "models/dpo", "generate": {}, "dpo": {}, **round2}
     return {"rounds": {"final": "models/round-2/dpo", "extra": {"round-2": item}}}
+
+
+def set_rounds(workspace, params: dict) -> None:
+    """Replace the rounds section (set_params merges dicts, so it cannot take an override away)."""
+    path = workspace / "params.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["rounds"].update(params["rounds"])
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def rendered(workspace) -> dict:
@@ -153,7 +161,14 @@ def test_rounds_table_lists_sft_then_each_round():
 # --------------------------------------------------------------------------------- end to end (dvc)
 
 # faults.TINY (dpo: 9 steps x 2 epochs, a checkpoint every 3 steps), one short dpo epoch per round
-ROUND_TINY = {**TINY, "dpo": {**TINY["dpo"], "epochs": 1}, "evaluate": {**TINY["evaluate"], "n_examples": 1}}
+ROUND_TINY = {
+    **TINY,
+    "sft": {**TINY["sft"], "epochs": 1},
+    "generate": {**TINY["generate"], "max_new_tokens": 16},
+    "dpo": {**TINY["dpo"], "epochs": 1},
+    "evaluate": {**TINY["evaluate"], "max_new_tokens": 8, "n_examples": 1, "forgetting_rows": 4,
+                 "bootstrap_resamples": 100},
+}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -178,14 +193,15 @@ def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_pat
     assert float(rows[2]["kl"]) == pytest.approx(eval_json["kl"])
     md = (ws / "reports/eval.md").read_text()
     assert "## Rounds" in md and "DPO round 1 (reward" in md  # answers side by side across rounds
-    assert dvc(ws, "status").stdout.strip().endswith("up to date.")
+    status = dvc(ws, "status")
+    assert status.stdout.strip().endswith("up to date."), (status.stdout, (ws / "params.yaml").read_text())
     assert dvc(ws, "plots", "show", "--json").returncode == 0
 
     # a round-2 dpo knob: round 2's reference pass (it reads the round's dpo lengths) and training, evaluate
-    set_params(ws, two_rounds(generate={"seed": 1}, dpo={"beta": 0.2}))
+    set_rounds(ws, two_rounds(generate={"seed": 1}, dpo={"beta": 0.2}))
     dry = dvc(ws, "repro", "--dry")
     assert sorted(ran_stages(dry.stdout)) == ["dpo_round@round-2", "evaluate", "ref_logps_round@round-2"]
-    set_params(ws, two_rounds(generate={"seed": 1}))  # back: everything is up to date again
+    set_rounds(ws, two_rounds(generate={"seed": 1}))  # back: everything is up to date again
     assert dvc(ws, "status").stdout.strip().endswith("up to date.")
 
     # kill round 2's dpo after its first checkpoint; the rerun resumes and ends as the uninterrupted run
