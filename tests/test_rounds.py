@@ -218,9 +218,24 @@ def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_pat
             break
         shutil.rmtree(ws / "checkpoints/round-2/dpo")
     assert killed.killed, killed.log[-2000:]
-    shutil.rmtree(ws / "models/round-2/dpo")  # as a first run killed mid-way has no model yet
-    resumed = dvc(ws, "repro", "dpo_round@round-2")
+    # forced: the lock and the cache still have the finished model, which DVC would just check out
+    resumed = dvc(ws, "repro", "--force", "--single-item", "dpo_round@round-2")
     assert ran_stages(resumed.stdout) == ["dpo_round@round-2"]
     assert "dpo: resuming from" in resumed.stdout + resumed.stderr
     assert artifact_digests(ws, outs) == straight
     assert ran_stages(dvc(ws, "repro").stdout) == []  # the same policy: evaluate stays up to date
+
+    # the options: a previous-policy reference reruns round 2 from its reference pass, fresh prompts from
+    # its prompts (a dry run lists the stages whose own inputs changed; the next ones follow their outputs)
+    ref_sft = (ws / "data/round-2/ref_logps.parquet").read_bytes()
+    set_rounds(ws, {"rounds": {"reference": "previous"}})
+    assert sorted(ran_stages(dvc(ws, "repro", "--dry").stdout)) == ["evaluate", "ref_logps_round@round-2"]
+    dvc(ws, "repro", "-s", "ref_logps_round@round-2")
+    assert (ws / "data/round-2/ref_logps.parquet").read_bytes() != ref_sft  # scored under models/dpo now
+    assert "dpo_round@round-2:\n\tchanged deps:" in dvc(ws, "status").stdout
+    set_rounds(ws, {"rounds": {"prompts": "fresh"}})
+    assert sorted(ran_stages(dvc(ws, "repro", "--dry").stdout)) == ["evaluate", "round_prompts@round-2"]
+    dvc(ws, "repro", "-s", "round_prompts@round-2")
+    fresh = read_parquet(ws / "data/round-2/prompts.parquet", schema.PROMPTS)
+    assert len(fresh) == 6  # rounds.fresh_fraction 0.5 of data.builtin.n_prompts 12
+    assert "generate_round@round-2:\n\tchanged deps:" in dvc(ws, "status").stdout
