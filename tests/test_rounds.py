@@ -234,7 +234,8 @@ def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_pat
     assert (ws / "data/round-2/ref_logps.parquet").read_bytes() != ref_sft  # scored under models/dpo now
     assert "dpo_round@round-2:\n\tchanged deps:" in dvc(ws, "status").stdout
     set_rounds(ws, {"rounds": {"prompts": "fresh"}})
-    assert sorted(ran_stages(dvc(ws, "repro", "--dry").stdout)) == ["evaluate", "round_prompts@round-2"]
+    stale = ["dpo_round@round-2", "evaluate", "round_prompts@round-2"]  # dpo_round: the new reference's
+    assert sorted(ran_stages(dvc(ws, "repro", "--dry").stdout)) == stale
     dvc(ws, "repro", "-s", "round_prompts@round-2")
     fresh = read_parquet(ws / "data/round-2/prompts.parquet", schema.PROMPTS)
     assert len(fresh) == 6  # rounds.fresh_fraction 0.5 of data.builtin.n_prompts 12
