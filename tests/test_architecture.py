@@ -19,10 +19,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PKG = SRC / "alignpipe"
-# a foreach stage (the *_round stages of rounds 2+) is checked through its `do` template
-DVC = {
-    name: st.get("do", st) for name, st in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
-}
+# a matrix stage (the *_round stages of rounds 2+) is checked as its template: cmd, deps and params are
+# the stage's own keys, with ${item.extra.*} left in
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 SIZE_EXEMPT = {
     # the params schema: nine sections, every field with its description and checks (the Prefect form
     # and --help read them); it is one concept, a split would put a section's fields and checks apart

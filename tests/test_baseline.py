@@ -38,8 +38,8 @@ def _param(params: dict, dotted: str):
 def test_the_lock_covers_every_stage_with_the_committed_params():
     dag = _load("dvc.yaml")["stages"]
     lock = _load("dvc.lock")["stages"]
-    # the *_round stages (foreach over rounds.extra) render to no stage with the default one round
-    assert set(lock) == {name for name, stage in dag.items() if "foreach" not in stage}
+    # the *_round stages (matrix over rounds.extra) render to no stage with the default one round
+    assert set(lock) == {name for name, stage in dag.items() if "matrix" not in stage}
     params = _load("params.yaml")
     stale = [
         f"{stage}: {key} = {value!r} in dvc.lock, {_param(params, key)!r} in params.yaml"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shlex
 import shutil
 import sys
 
 import pytest
 import yaml
-from faults import TINY, artifact_digests, file_appears, run_process
+from faults import TINY, artifact_digests, file_appears, run_process, stage_argv
 from workspace import ROOT, dvc, env, make_workspace, ran_stages
 
 from alignpipe.artifacts import schema
@@ -34,12 +35,22 @@ ROUND_STEPS = [
 
 
 def two_rounds(**round2) -> dict:
-    item = {"previous": "models/dpo", "generate": {}, "dpo": {}, **round2}
-    return {"rounds": {"final": "models/round-2/dpo", "extra": {"round-2": item}}}
+    item = {"name": "round-2", "previous": "models/dpo", "generate": {}, "dpo": {}, **round2}
+    return {"rounds": {"final": "models/round-2/dpo", "extra": [item]}}
+
+
+def three_rounds() -> dict:
+    second = {
+        "name": "round-3",
+        "previous": "models/round-2/dpo",
+        "generate": {"seed": 2},
+        "dpo": {"beta": 0.2},
+    }
+    return {"rounds": {"final": "models/round-3/dpo", "extra": [*two_rounds()["rounds"]["extra"], second]}}
 
 
 def set_rounds(workspace, params: dict) -> None:
-    """Replace the rounds section (set_params merges dicts, so it cannot take an override away)."""
+    """Replace keys of the rounds section (set_params merges dicts, so it cannot take an override away)."""
     path = workspace / "params.yaml"
     data = yaml.safe_load(path.read_text())
     data["rounds"].update(params["rounds"])
@@ -67,7 +78,7 @@ def rendered(workspace) -> dict:
 
 
 def test_default_params_render_todays_stages_as_the_committed_lock_has_them():
-    """One round (rounds.extra: {}): no round stage exists, and every stage's cmd, deps and outs are the
+    """One round (rounds.extra: []): no round stage exists, and every stage's cmd, deps and outs are the
     ones dvc.lock recorded, so the committed baseline stays valid (evaluate gains param rounds and the plot
     reports/eval/rounds.csv only)."""
     stages = rendered(ROOT)
@@ -85,34 +96,59 @@ def test_default_params_render_todays_stages_as_the_committed_lock_has_them():
 def test_two_rounds_add_one_stage_per_step_and_evaluate_reads_the_last_policy(tmp_path):
     ws = make_workspace(tmp_path / "ws", two_rounds())
     stages = rendered(ws)
-    assert sorted(stages) == sorted(DEFAULT_STAGES + [f"{s}@round-2" for s in ROUND_STEPS])
-    cmd, deps, *_ = stages["dpo_round@round-2"]
+    assert sorted(stages) == sorted(DEFAULT_STAGES + [f"{s}@extra0" for s in ROUND_STEPS])
+    cmd, deps, _, params = stages["dpo_round@extra0"]
     assert "--model models/dpo" in cmd and "--out models/round-2/dpo" in cmd and "models/dpo" in deps
-    assert "--checkpoints checkpoints/round-2/dpo" in cmd
-    assert stages["generate_round@round-2"][2] == [
+    assert "--round round-2" in cmd and "--checkpoints checkpoints/round-2/dpo" in cmd
+    assert params == ["dpo", "rounds.extra"]  # DVC keys a list by index only: the whole list
+    assert " ".join(stage_argv(ws, "dpo_round@extra0")[1:]) == " ".join(cmd.split()[1:])
+    assert stages["generate_round@extra0"][2] == [
         "data/round-2/generations",
         "reports/round-2/generate.json",
     ]
     cmd, deps, *_ = stages["evaluate"]
     assert "--dpo models/round-2/dpo" in cmd and "models/round-2/dpo" in deps and "models/dpo" not in deps
     dag = dvc(ws, "dag", "--dot").stdout
-    assert '"dpo" -> "generate_round@round-2"' in dag and '"dpo_round@round-2" -> "evaluate"' in dag
+    assert '"dpo" -> "generate_round@extra0"' in dag and '"dpo_round@extra0" -> "evaluate"' in dag
+
+
+def test_three_rounds_chain_their_policies(tmp_path):
+    ws = make_workspace(tmp_path / "ws", three_rounds())
+    stages = rendered(ws)
+    assert sorted(stages) == sorted(DEFAULT_STAGES + [f"{s}@extra{i}" for s in ROUND_STEPS for i in (0, 1)])
+    cmd, deps, outs, _ = stages["dpo_round@extra1"]
+    assert "--model models/round-2/dpo --round round-3" in " ".join(cmd.split())
+    assert "models/round-2/dpo" in deps and outs[0] == "models/round-3/dpo"
+    assert stages["evaluate"][1].count("models/round-3/dpo") == 1
+    dag = dvc(ws, "dag", "--dot").stdout
+    assert (
+        '"dpo_round@extra0" -> "generate_round@extra1"' in dag and '"dpo_round@extra1" -> "evaluate"' in dag
+    )
 
 
 @pytest.mark.parametrize(
     ("rounds", "expected"),
     [
-        ({"final": "models/round-2/dpo", "extra": {"round-3": {"previous": "models/dpo"}}}, "should be 'round-2'"),
-        ({"final": "models/round-2/dpo", "extra": {"round-2": {"previous": "models/sft"}}},
-         "rounds.extra.round-2.previous: 'models/sft' should be 'models/dpo'"),
-        ({"extra": {"round-2": {"previous": "models/dpo"}}}, "rounds.final: 'models/dpo' should be 'models/round-2/dpo'"),
-        ({"final": "models/round-2/dpo", "extra": {"round-2": {"previous": "models/dpo", "dpo": {"betta": 1}}}},
-         "rounds.extra.round-2.dpo.betta: unknown key"),
+        ({"final": "models/round-2/dpo", "extra": [{"name": "round-3", "previous": "models/dpo"}]},
+         "rounds.extra.0.name: 'round-3' should be 'round-2'"),
+        ({**three_rounds()["rounds"], "extra": [three_rounds()["rounds"]["extra"][0]] * 2},
+         "rounds.extra.1.name: 'round-2' should be 'round-3'"),  # a name twice
+        ({"final": "models/round-2/dpo", "extra": [{"name": "round-2", "previous": "models/sft"}]},
+         "rounds.extra.0.previous (round-2): 'models/sft' should be 'models/dpo'"),
+        ({"extra": [{"name": "round-2", "previous": "models/dpo"}]},
+         "rounds.final: 'models/dpo' should be 'models/round-2/dpo'"),
+        ({"final": "models/round-2/dpo", "extra": [{"name": "round-2", "previous": "models/dpo",
+                                                    "dpo": {"betta": 1}}]},
+         "rounds.extra.0.dpo.betta: unknown key (did you mean 'beta'?)"),
+        ({"final": "models/round-2/dpo", "extra": [{"name": "round-2", "previous": "models/dpo", "seed": 1}]},
+         "rounds.extra.0.seed: unknown key (valid keys: name, previous, generate, dpo)"),
+        ({"final": "models/round-2/dpo", "extra": {"round-2": {"previous": "models/dpo"}}},
+         "rounds.extra: a list of rounds, one entry per round: - {name: round-2, previous: models/dpo"),
         ({"reference": "parent"}, "rounds.reference"),
     ],
 )  # fmt: skip
 def test_bad_rounds_name_the_key(rounds, expected):
-    with pytest.raises(ParamsError, match=expected.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ParamsError, match=re.escape(expected)):
         validate(Params, {"rounds": rounds})
 
 
@@ -130,7 +166,7 @@ def test_round_overrides_merge_over_the_section(tmp_path):
     merged = for_round(dpo, "round-2", path)
     assert (merged.beta, merged.max_steps, merged.peft.r, merged.peft.alpha) == (0.25, 5, 4, 8)
     assert for_round(load_section("generate", path), "round-2", path).seed == 7
-    with pytest.raises(ParamsError, match="no 'round-3'"):
+    with pytest.raises(ParamsError, match="no round named 'round-3'"):
         for_round(dpo, "round-3", path)
     assert [round_policy(k) for k in (1, 2, 3)] == ["models/dpo", "models/round-2/dpo", "models/round-3/dpo"]
 

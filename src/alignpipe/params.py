@@ -931,8 +931,12 @@ def round_policy(k: int) -> str:
 
 
 class RoundItem(Section):
-    """One round after the first (an entry of ``rounds.extra``, keyed ``round-<k>``)."""
+    """One round after the first (an entry of the list ``rounds.extra``, named ``round-<k>``)."""
 
+    name: str = Field(
+        description="The round's name, round-2, round-3, ... in list order: its folders are "
+        "data/<name>, reports/<name>, models/<name>/dpo and checkpoints/<name>.",
+    )
     previous: str = Field(
         description="The policy this round starts from and samples with: round k-1's (models/dpo for "
         "round-2, models/round-<k-1>/dpo after it); written out because DVC templating has no arithmetic.",
@@ -948,7 +952,8 @@ class RoundItem(Section):
 
 
 class RoundsParams(Section):
-    """Iterative on-policy DPO: rounds after the first, laid out in dvc.yaml by ``foreach: ${rounds.extra}``."""
+    """Iterative on-policy DPO: rounds after the first, laid out in dvc.yaml by
+    ``matrix: {extra: ${rounds.extra}}`` (stages ``<step>@extra0``, ``@extra1``, ...)."""
 
     reference: Literal["sft", "previous"] = Field(
         "sft",
@@ -968,28 +973,44 @@ class RoundsParams(Section):
         description="The last round's policy, which evaluate reports as dpo: models/dpo with one round, "
         "models/round-<K>/dpo with K rounds.",
     )
-    extra: dict[str, RoundItem] = Field(
-        default_factory=dict,
-        description="Rounds after the first, keyed round-2, round-3, ... in order ({}: one round, the "
-        "default DAG).",
+    extra: list[RoundItem] = Field(
+        default_factory=list,
+        description="Rounds after the first, a list in order: - {name: round-2, previous: models/dpo, "
+        "generate: {...}, dpo: {...}}, then round-3, ... ([]: one round, the default DAG).",
     )
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _a_list(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # the mapping form (round-2: {...}) DVC's matrix cannot read
+            raise ValueError(
+                "a list of rounds, one entry per round: - {name: round-2, previous: models/dpo, "
+                "generate: {}, dpo: {}} (not a mapping keyed by round; {} is [] now)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _chain(self) -> RoundsParams:
-        for k, (key, item) in enumerate(self.extra.items(), start=2):
-            if key != f"round-{k}":
+        for i, item in enumerate(self.extra):
+            k = i + 2
+            if item.name != f"round-{k}":
                 raise ValueError(
-                    f"rounds.extra: key {key!r} should be 'round-{k}' (keys round-2, round-3, ...)"
+                    f"rounds.extra.{i}.name: {item.name!r} should be 'round-{k}' (entry {i} of the list; "
+                    "names round-2, round-3, ... in order)"
                 )
             if item.previous != round_policy(k - 1):
                 raise ValueError(
-                    f"rounds.extra.{key}.previous: {item.previous!r} should be {round_policy(k - 1)!r} "
-                    "(the policy of the round before)"
+                    f"rounds.extra.{i}.previous ({item.name}): {item.previous!r} should be "
+                    f"{round_policy(k - 1)!r} (the policy of the round before)"
                 )
         last = round_policy(len(self.extra) + 1)
         if self.final != last:
             raise ValueError(f"rounds.final: {self.final!r} should be {last!r} (the last round's policy)")
         return self
+
+    def round(self, name: str) -> RoundItem | None:
+        """The entry named ``name`` (round-2, ...), None without one."""
+        return next((item for item in self.extra if item.name == name), None)
 
     def policies(self) -> dict[int, str]:
         """Round number -> policy folder, rounds 1..K."""
@@ -1034,17 +1055,19 @@ class Params(Section):
                 "rounds.reference: sft with dpo.reference: live: a live reference is the round's starting "
                 "policy; use dpo.reference: precomputed (ref_logps caches the SFT log-probs per round)"
             )
-        for key, item in self.rounds.extra.items():  # a typo in an override fails before any stage runs
+        for i, item in enumerate(self.rounds.extra):  # a typo in an override fails before any stage runs
             for name in ("generate", "dpo"):
                 section = getattr(self, name)
                 merged = merged_over(section.model_dump(), getattr(item, name))
-                validate(type(section), merged, prefix=f"rounds.extra.{key}.{name}")
+                validate(type(section), merged, prefix=f"rounds.extra.{i}.{name}")
         return self
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model reached by following ``loc`` from ``model`` (None if not a model)."""
     for key in loc:
+        if isinstance(key, int):  # an entry of a list of sections (rounds.extra.0): the field's model
+            continue
         field = model.model_fields.get(key) if isinstance(key, str) else None
         if field is None:
             return None
@@ -1204,19 +1227,21 @@ def merged_over(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
     return out
 
 
-def for_round(loaded: S, round_key: str | None, path: str | os.PathLike = "params.yaml") -> S:
-    """``loaded`` (a generate or dpo section) with round ``round_key``'s overrides from
-    ``rounds.extra.<round_key>.<section>`` on top (None: round 1, the section as it is)."""
-    if round_key is None:
+def for_round(loaded: S, round_name: str | None, path: str | os.PathLike = "params.yaml") -> S:
+    """``loaded`` (a generate or dpo section) with the overrides of the ``rounds.extra`` entry named
+    ``round_name`` (round-2, ...) on top (None: round 1, the section as it is)."""
+    if round_name is None:
         return loaded
     name = next(n for n, f in Params.model_fields.items() if f.annotation is type(loaded))
     rounds = validate(RoundsParams, read_yaml(path).get("rounds"), where=str(path), prefix="rounds")
-    if round_key not in rounds.extra:
-        raise ParamsError(f"{path}: rounds.extra has no {round_key!r} (rounds: {', '.join(rounds.extra)})")
-    overrides = getattr(rounds.extra[round_key], name, {})
-    merged = merged_over(loaded.model_dump(), overrides)
+    item = rounds.round(round_name)
+    if item is None:
+        names = ", ".join(r.name for r in rounds.extra) or "none"
+        raise ParamsError(f"{path}: rounds.extra has no round named {round_name!r} (rounds: {names})")
+    merged = merged_over(loaded.model_dump(), getattr(item, name))
+    index = rounds.extra.index(item)
     return typing.cast(
-        S, validate(type(loaded), merged, where=str(path), prefix=f"rounds.extra.{round_key}.{name}")
+        S, validate(type(loaded), merged, where=str(path), prefix=f"rounds.extra.{index}.{name}")
     )
 
 
