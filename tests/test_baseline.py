@@ -57,6 +57,8 @@ def test_every_metrics_file_of_the_dag_is_committed_and_matches_the_lock():
     dag = _load("dvc.yaml")["stages"]
     lock = _load("dvc.lock")["stages"]
     for name, stage in dag.items():
+        if "matrix" in stage:  # a *_round template: no stage with the default one round
+            continue
         for path in _metrics_paths(stage):
             assert (ROOT / path).is_file(), f"{path} (metrics of {name}) is not committed"
             json.loads((ROOT / path).read_text())
