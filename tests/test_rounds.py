@@ -1,14 +1,13 @@
 """Iterative DPO rounds: params checks, the default DAG unchanged, and a 2-round tiny DAG end to end
-(a round-2 knob reruns only round 2 and evaluate; round 2's dpo resumes after a SIGKILL)."""
+(a round-2 dpo knob reruns round 2's generate, ref_logps and dpo, and evaluate; round 2's dpo resumes after a
+SIGKILL). The round stages are DVC matrix members: entry i of rounds.extra is <step>@extra<i>."""
 
 from __future__ import annotations
 
 import csv
 import json
 import re
-import shlex
 import shutil
-import sys
 
 import pytest
 import yaml
@@ -18,7 +17,6 @@ from workspace import ROOT, dvc, env, make_workspace, ran_stages
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet
 from alignpipe.evaluate.rounds import round_rows, rounds_markdown, with_rounds
-from alignpipe.orchestration.dag import stage_command
 from alignpipe.params import Params, ParamsError, for_round, load_section, round_policy, validate
 from alignpipe.round_prompts import fresh_subset
 
@@ -214,7 +212,7 @@ def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_pat
         {**ROUND_TINY, "base_model": {"source": str(tiny_model_dir)}, **two_rounds(generate={"seed": 1})},
     )
     first = dvc(ws, "repro")
-    assert sorted(ran_stages(first.stdout)) == sorted(DEFAULT_STAGES + [f"{s}@round-2" for s in ROUND_STEPS])
+    assert sorted(ran_stages(first.stdout)) == sorted(DEFAULT_STAGES + [f"{s}@extra0" for s in ROUND_STEPS])
     assert (ws / "models/round-2/dpo/model.safetensors").exists()
     assert read_parquet(ws / "data/round-2/prompts.parquet", schema.PROMPTS) == read_parquet(
         ws / "data/prepared/prompts.parquet", schema.PROMPTS
@@ -233,19 +231,34 @@ def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_pat
     assert status.stdout.strip().endswith("up to date."), (status.stdout, (ws / "params.yaml").read_text())
     assert dvc(ws, "plots", "show", "--json").returncode == 0
 
-    # a round-2 dpo knob: round 2's reference pass (it reads the round's dpo lengths) and training, evaluate
+    # a round-2 dpo knob. DVC keys params into a list by index only, so the round stages track rounds.extra
+    # whole: generate_round reruns too, finds its finished chunks (same fingerprint) and leaves the same
+    # generations, so score_round and pairs_round stay cached; ref_logps_round reads the round's dpo lengths
+    generations = artifact_digests(ws, ["data/round-2/generations"])
+    policy = artifact_digests(ws, ["models/round-2/dpo"])
     set_rounds(ws, two_rounds(generate={"seed": 1}, dpo={"beta": 0.2}))
-    dry = dvc(ws, "repro", "--dry")
-    assert sorted(ran_stages(dry.stdout)) == ["dpo_round@round-2", "evaluate", "ref_logps_round@round-2"]
-    set_rounds(ws, two_rounds(generate={"seed": 1}))  # back: everything is up to date again
+    knob = dvc(ws, "repro")
+    assert sorted(ran_stages(knob.stdout)) == [
+        "dpo_round@extra0",
+        "evaluate",
+        "generate_round@extra0",
+        "ref_logps_round@extra0",
+    ]
+    assert artifact_digests(ws, ["data/round-2/generations"]) == generations
+    assert artifact_digests(ws, ["models/round-2/dpo"]) != policy  # beta 0.2 trained another policy
+    assert (
+        "rounds.extra"
+        in yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["dpo_round@extra0"]["params"][
+            "params.yaml"
+        ]
+    )
     assert dvc(ws, "status").stdout.strip().endswith("up to date.")
 
     # kill round 2's dpo after its first checkpoint; the rerun resumes and ends as the uninterrupted run
     outs = ("models/round-2/dpo", "reports/round-2/dpo/metrics.json")
     straight = artifact_digests(ws, outs)
     shutil.rmtree(ws / "checkpoints/round-2/dpo")
-    argv = shlex.split(stage_command(ws, "dpo_round@round-2"))
-    argv = [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+    argv = stage_argv(ws, "dpo_round@extra0")  # dvc.yaml's cmd with entry 0 of rounds.extra filled in
     trigger = file_appears(ws, "checkpoints/round-2/dpo/step-*/trainer_state.json")
     for attempt, delay in enumerate((0.5, 0.1, 0.0)):
         killed = run_process(argv, ws, {**env(), "PYTHONPATH": str(ws / "src")}, tmp_path / f"kill{attempt}.log",
@@ -255,8 +268,8 @@ def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_pat
         shutil.rmtree(ws / "checkpoints/round-2/dpo")
     assert killed.killed, killed.log[-2000:]
     # forced: the lock and the cache still have the finished model, which DVC would just check out
-    resumed = dvc(ws, "repro", "--force", "--single-item", "dpo_round@round-2")
-    assert ran_stages(resumed.stdout) == ["dpo_round@round-2"]
+    resumed = dvc(ws, "repro", "--force", "--single-item", "dpo_round@extra0")
+    assert ran_stages(resumed.stdout) == ["dpo_round@extra0"]
     assert "dpo: resuming from" in resumed.stdout + resumed.stderr
     assert artifact_digests(ws, outs) == straight
     assert ran_stages(dvc(ws, "repro").stdout) == []  # the same policy: evaluate stays up to date
@@ -265,14 +278,14 @@ def test_two_rounds_end_to_end_then_a_round_2_knob_then_a_killed_round_2(tmp_pat
     # its prompts (a dry run lists the stages whose own inputs changed; the next ones follow their outputs)
     ref_sft = (ws / "data/round-2/ref_logps.parquet").read_bytes()
     set_rounds(ws, {"rounds": {"reference": "previous"}})
-    assert sorted(ran_stages(dvc(ws, "repro", "--dry").stdout)) == ["evaluate", "ref_logps_round@round-2"]
-    dvc(ws, "repro", "-s", "ref_logps_round@round-2")
+    assert sorted(ran_stages(dvc(ws, "repro", "--dry").stdout)) == ["evaluate", "ref_logps_round@extra0"]
+    dvc(ws, "repro", "-s", "ref_logps_round@extra0")
     assert (ws / "data/round-2/ref_logps.parquet").read_bytes() != ref_sft  # scored under models/dpo now
-    assert "dpo_round@round-2:\n\tchanged deps:" in dvc(ws, "status").stdout
+    assert "dpo_round@extra0:\n\tchanged deps:" in dvc(ws, "status").stdout
     set_rounds(ws, {"rounds": {"prompts": "fresh"}})
-    stale = ["dpo_round@round-2", "evaluate", "round_prompts@round-2"]  # dpo_round: the new reference's
+    stale = ["dpo_round@extra0", "evaluate", "round_prompts@extra0"]  # dpo_round: the new reference's
     assert sorted(ran_stages(dvc(ws, "repro", "--dry").stdout)) == stale
-    dvc(ws, "repro", "-s", "round_prompts@round-2")
+    dvc(ws, "repro", "-s", "round_prompts@extra0")
     fresh = read_parquet(ws / "data/round-2/prompts.parquet", schema.PROMPTS)
     assert len(fresh) == 6  # rounds.fresh_fraction 0.5 of data.builtin.n_prompts 12
-    assert "generate_round@round-2:\n\tchanged deps:" in dvc(ws, "status").stdout
+    assert "generate_round@extra0:\n\tchanged deps:" in dvc(ws, "status").stdout
