@@ -53,6 +53,7 @@ from alignpipe.params import (
     RefLogpsParams,
     RewardModelParams,
     RewardParams,
+    RoundsParams,
     SftParams,
 )
 
@@ -159,6 +160,7 @@ def pipeline(
     ref_logps: RefLogpsParams | None = None,
     dpo: DpoParams | None = None,
     evaluate: EvaluateParams | None = None,
+    rounds: RoundsParams | None = None,
     retries: dict[str, int] | None = None,
     save_experiment: str | None = None,
     push: bool = False,
@@ -197,6 +199,7 @@ def pipeline(
         ref_logps: params.yaml section `ref_logps` (empty: keep params.yaml).
         dpo: params.yaml section `dpo` (empty: keep params.yaml).
         evaluate: params.yaml section `evaluate` (empty: keep params.yaml).
+        rounds: params.yaml section `rounds` (empty: keep params.yaml).
         retries: Retries per stage, e.g. {"generate": 2}; stages not named get none.
         save_experiment: After a successful run, save the workspace as this DVC experiment.
         push: After a successful run, `dvc push` the outputs to the DVC remote (pods, CI).
@@ -208,7 +211,7 @@ def pipeline(
     logger = get_run_logger()
     root = Path(workspace or REPO).resolve()
     sections = dict(zip(Params.model_fields, (base_model, data, sft, generate, reward, reward_model, pairs,
-                                                ref_logps, dpo, evaluate), strict=True))  # fmt: skip
+                                                ref_logps, dpo, evaluate, rounds), strict=True))  # fmt: skip
     changes = update_params(root / "params.yaml", sections, form_baseline(_deployment_parameters(), sections))
     for change in changes:
         logger.info("params.yaml: %s: %r -> %r", change.key, change.old, change.new)

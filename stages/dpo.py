@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alignpipe.cli import stage_main, stage_parser
 from alignpipe.dpo.stage import DpoPaths, run
-from alignpipe.params import load_section
+from alignpipe.params import for_round, load_section
 
 
 @stage_main
@@ -27,10 +27,11 @@ def main() -> None:
     parser.add_argument(
         "--metrics-dir", type=Path, required=True, help="DVCLive folder (metrics.json, plots)"
     )
+    parser.add_argument("--round", help="round k >= 2 (a rounds.extra key): its dpo overrides apply")
     args = parser.parse_args()
     paths = DpoPaths(args.model, args.pairs, args.ref_logps, args.out, args.checkpoints, args.metrics_dir,
                      args.unpaired, args.ref_logps_unpaired)  # fmt: skip
-    run(load_section("dpo"), paths)
+    run(for_round(load_section("dpo"), args.round), paths)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from alignpipe.params import load_section
 
 @stage_main
 def main() -> None:
-    parser = stage_parser(__doc__, "evaluate", "reward", "dpo")
+    parser = stage_parser(__doc__, "evaluate", "reward", "dpo", "rounds")
     parser.add_argument("--sft", required=True, help="SFT model folder")
-    parser.add_argument("--dpo", required=True, help="DPO model folder")
+    parser.add_argument("--dpo", required=True, help="the last round's DPO model folder (rounds.final)")
     parser.add_argument("--base", required=True, help="base model folder (read when evaluate.include_base)")
     parser.add_argument("--prompts", required=True, help="eval prompts parquet")
     parser.add_argument("--pairs", required=True, help="eval pairs parquet")
@@ -38,6 +38,7 @@ def main() -> None:
         load_section("evaluate", args.params),
         load_section("reward", args.params),
         load_section("dpo", args.params),
+        load_section("rounds", args.params),
     )
     run(settings, paths)
 

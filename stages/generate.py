@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alignpipe.cli import stage_main, stage_parser
 from alignpipe.generate import GeneratePaths, run
-from alignpipe.params import load_section
+from alignpipe.params import for_round, load_section
 
 
 @stage_main
@@ -27,11 +27,12 @@ def main() -> None:
         "--shard", type=int, default=None, help="run only this shard (0-based) of generate.num_shards"
     )
     parser.add_argument("--rated", type=Path, help="rated.parquet of prepare: rows there skip sampling")
+    parser.add_argument("--round", help="round k >= 2 (a rounds.extra key): its generate overrides apply")
     parser.add_argument("--params", default="params.yaml", help="params file")
     args = parser.parse_args()
     metrics = Path(args.metrics) if args.metrics else None
     paths = GeneratePaths(Path(args.model), Path(args.prompts), Path(args.out), metrics, args.rated)
-    run(load_section("generate", args.params), paths, shard=args.shard)
+    run(for_round(load_section("generate", args.params), args.round, args.params), paths, shard=args.shard)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignpipe.cli import stage_main, stage_parser
-from alignpipe.params import load_section
+from alignpipe.params import for_round, load_section
 from alignpipe.ref_logps import RefLogpsPaths, RefLogpsSettings, run
 
 
 @stage_main
 def main() -> None:
-    parser = stage_parser(__doc__, "ref_logps", "dpo")
+    parser = stage_parser(__doc__, "ref_logps", "dpo", "rounds")
     parser.add_argument("--model", type=Path, required=True, help="the reference (SFT) model folder")
     parser.add_argument(
         "--pairs", type=Path, required=True, help="folder with train.parquet and eval.parquet"
@@ -24,10 +24,14 @@ def main() -> None:
         help="folder of unpaired examples (read with ref_logps.unpaired; may be missing)",
     )
     parser.add_argument("--out-unpaired", type=Path, help="output parquet (schema.REF_LOGPS_UNPAIRED)")
+    parser.add_argument("--round", help="round k >= 2 (a rounds.extra key): its dpo overrides apply")
+    parser.add_argument("--previous", type=Path, help="round k >= 2: its starting policy (rounds.reference)")
     args = parser.parse_args()
     # of dpo it reads only the tokenization lengths, dtype, peft and reference_free (not loss_type)
-    settings = RefLogpsSettings(load_section("ref_logps"), load_section("dpo"))
-    paths = RefLogpsPaths(args.model, args.pairs, args.out, args.metrics, args.unpaired, args.out_unpaired)
+    settings = RefLogpsSettings(load_section("ref_logps"), for_round(load_section("dpo"), args.round))
+    previous = args.round is not None and load_section("rounds").reference == "previous"
+    model = args.previous if previous else args.model
+    paths = RefLogpsPaths(model, args.pairs, args.out, args.metrics, args.unpaired, args.out_unpaired)
     run(settings, paths)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -72,10 +73,39 @@ class Run:
     log: str  # stdout and stderr, interleaved
 
 
+def _resolved(params: dict, value: object, lookup: Callable[[object, str], object]) -> list:
+    """A matrix entry's values: a list as written, or the params list a ``${...}`` names."""
+    match = re.fullmatch(r"\$\{([\w.-]+)\}", value) if isinstance(value, str) else None
+    return list(lookup(params, match.group(1)) if match else value)  # type: ignore[call-overload]
+
+
 def stage_argv(ws: Path, stage: str) -> list[str]:
-    """The stage's command from ``dvc.yaml`` (launchers resolved to this interpreter)."""
-    cmd = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][stage]["cmd"]
-    cmd = re.sub(r"\$\{\w+\.launcher\}", "python", " ".join(cmd.split()))
+    """The stage's command from ``dvc.yaml`` (launchers resolved to this interpreter); a matrix stage by
+    its generated name (``dpo_round@extra0``: its ``${item.extra.*}`` from entry 0 of ``rounds.extra``)."""
+    name, _, member = stage.partition("@")
+    definition = yaml.safe_load((ws / "dvc.yaml").read_text())["stages"][name]
+    cmd = re.sub(r"\$\{\w+\.launcher\}", "python", " ".join(definition["cmd"].split()))
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+
+    def lookup(found: object, dotted: str) -> object:
+        for part in dotted.split("."):
+            found = found[int(part)] if isinstance(found, list) else found[part]  # type: ignore[index]
+        return found
+
+    context: dict[str, object] = dict(params)
+    if "matrix" in definition:  # DVC names a member <key><index> for a dict or list value, else the value
+        lists = {key: _resolved(params, v, lookup) for key, v in definition["matrix"].items()}
+        members = {}
+        for combo in itertools.product(*(list(enumerate(v)) for v in lists.values())):
+            pairs = list(zip(lists, combo, strict=True))
+            label = "-".join(f"{k}{i}" if isinstance(v, dict | list) else str(v) for k, (i, v) in pairs)
+            members[label] = {k: v for k, (_, v) in pairs}
+        context["item"], context["key"] = members[member], member
+
+    def value(match: re.Match[str]) -> str:  # any other ${section.key}, e.g. evaluate's ${rounds.final}
+        return str(lookup(context, match.group(1)))
+
+    cmd = re.sub(r"\$\{([\w.-]+)\}", value, cmd)
     argv = shlex.split(cmd)
     return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
 

@@ -19,6 +19,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PKG = SRC / "alignpipe"
+# a matrix stage (the *_round stages of rounds 2+) is checked as its template: cmd, deps and params are
+# the stage's own keys, with ${item.extra.*} left in
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 SIZE_EXEMPT = {
     # the params schema: nine sections, every field with its description and checks (the Prefect form
@@ -118,7 +120,13 @@ def script_of(name: str) -> Path:
     return ROOT / match.group(1)
 
 
+def step(name: str) -> str:
+    """The step a dvc stage runs: its script's name (``generate_round`` runs ``stages/generate.py``)."""
+    return script_of(name).stem
+
+
 def stage_module(name: str) -> Path | None:
+    name = step(name) if name in DVC else name
     for candidate in (PKG / f"{name}.py", PKG / name):
         if candidate.exists():
             return candidate
@@ -183,7 +191,7 @@ def test_every_stage_exposes_run_params_paths(name):
 
     mod = stage_module(name)
     assert mod is not None
-    module = importlib.import_module(f"alignpipe.{name}" + (".stage" if mod.is_dir() else ""))
+    module = importlib.import_module(f"alignpipe.{step(name)}" + (".stage" if mod.is_dir() else ""))
     run = module.run
     first, second, *rest = inspect.signature(run).parameters.values()
     assert (first.name, second.name) == ("params", "paths"), name

@@ -363,9 +363,13 @@ def test_dvc_plots_render_from_dvc_yaml(tmp_path):
         "reports/eval/rewards.csv",
         "reports/eval/pass_rate.csv",
         "reports/eval/models.csv",
+        "reports/eval/rounds.csv",
         "training_loss",
+        "rounds",
     )
     assert not [e for e in shown.get("errors", []) if e["name"] in mine]
+    rounds = shown["data"]["rounds"][0]["content"]["data"]["values"]  # SFT (round 0) and round 1's policy
+    assert {(v["round"], v["model"]) for v in rounds} == {("0", "sft"), ("1", "dpo")}
     bars = shown["data"]["reports/eval/pass_rate.csv"][0]["content"]
     assert bars["encoding"]["xOffset"]["field"] == "series" and len(bars["data"]["values"]) == 4
     by_model = shown["data"]["reports/eval/models.csv"][0]["content"]["data"]["values"]

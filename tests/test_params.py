@@ -68,8 +68,8 @@ def test_every_field_has_a_description():
     """The Prefect form and the stages' --help show these; a bare key tells a user nothing."""
     models = _section_models()
     assert (
-        len(models) == 17
-    )  # Params, 10 sections, BuiltinSizes, Source, Peft, EarlyStopping, GateParams, UnpairedParams
+        len(models) == 19
+    )  # Params, 10 sections, BuiltinSizes, Source, Peft, EarlyStopping, GateParams, UnpairedParams, RoundsParams, RoundItem
     missing = [f"{m.__name__}.{name}" for m in models for name, f in m.model_fields.items()
                if not f.description or len(f.description) < 15]  # fmt: skip
     assert not missing, missing

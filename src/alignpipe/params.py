@@ -925,6 +925,98 @@ class EvaluateParams(SamplingParams):
     _samples = field_validator("n")(_check_samples)
 
 
+def round_policy(k: int) -> str:
+    """The policy folder of round ``k``: round 1 is the default DAG's ``models/dpo``."""
+    return "models/dpo" if k == 1 else f"models/round-{k}/dpo"
+
+
+class RoundItem(Section):
+    """One round after the first (an entry of the list ``rounds.extra``, named ``round-<k>``)."""
+
+    name: str = Field(
+        description="The round's name, round-2, round-3, ... in list order: its folders are "
+        "data/<name>, reports/<name>, models/<name>/dpo and checkpoints/<name>.",
+    )
+    previous: str = Field(
+        description="The policy this round starts from and samples with: round k-1's (models/dpo for "
+        "round-2, models/round-<k-1>/dpo after it); written out because DVC templating has no arithmetic.",
+    )
+    generate: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the generate section for this round, e.g. {seed: 1} ({}: none).",
+    )
+    dpo: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the dpo section for this round, e.g. {beta: 0.2, max_steps: 20} ({}: none).",
+    )
+
+
+class RoundsParams(Section):
+    """Iterative on-policy DPO: rounds after the first, laid out in dvc.yaml by
+    ``matrix: {extra: ${rounds.extra}}`` (stages ``<step>@extra0``, ``@extra1``, ...)."""
+
+    reference: Literal["sft", "previous"] = Field(
+        "sft",
+        description="Reference of rounds 2+: sft (models/sft) or previous (the policy the round starts from); "
+        "it sets whose log-probs ref_logps caches (dpo.reference: precomputed).",
+    )
+    prompts: Literal["same", "fresh"] = Field(
+        "same",
+        description="Prompts of rounds 2+: same (every train prompt, as round 1) or fresh (a different "
+        "deterministic subset per round, rounds.fresh_fraction of them, drawn by a hash of round and prompt id).",
+    )
+    fresh_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.5, description="rounds.prompts: fresh: share of the train prompts each round k >= 2 samples on."
+    )
+    final: str = Field(
+        "models/dpo",
+        description="The last round's policy, which evaluate reports as dpo: models/dpo with one round, "
+        "models/round-<K>/dpo with K rounds.",
+    )
+    extra: list[RoundItem] = Field(
+        default_factory=list,
+        description="Rounds after the first, a list in order: - {name: round-2, previous: models/dpo, "
+        "generate: {...}, dpo: {...}}, then round-3, ... ([]: one round, the default DAG).",
+    )
+
+    @field_validator("extra", mode="before")
+    @classmethod
+    def _a_list(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # the mapping form (round-2: {...}) DVC's matrix cannot read
+            raise ValueError(
+                "a list of rounds, one entry per round: - {name: round-2, previous: models/dpo, "
+                "generate: {}, dpo: {}} (not a mapping keyed by round; {} is [] now)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _chain(self) -> RoundsParams:
+        for i, item in enumerate(self.extra):
+            k = i + 2
+            if item.name != f"round-{k}":
+                raise ValueError(
+                    f"rounds.extra.{i}.name: {item.name!r} should be 'round-{k}' (entry {i} of the list; "
+                    "names round-2, round-3, ... in order)"
+                )
+            if item.previous != round_policy(k - 1):
+                raise ValueError(
+                    f"rounds.extra.{i}.previous ({item.name}): {item.previous!r} should be "
+                    f"{round_policy(k - 1)!r} (the policy of the round before)"
+                )
+        last = round_policy(len(self.extra) + 1)
+        if self.final != last:
+            raise ValueError(f"rounds.final: {self.final!r} should be {last!r} (the last round's policy)")
+        return self
+
+    def round(self, name: str) -> RoundItem | None:
+        """The entry named ``name`` (round-2, ...), None without one."""
+        return next((item for item in self.extra if item.name == name), None)
+
+    def policies(self) -> dict[int, str]:
+        """Round number -> policy folder, rounds 1..K."""
+        return {k: round_policy(k) for k in range(1, len(self.extra) + 2)}
+
+
 class Params(Section):
     """The whole ``params.yaml``."""
 
@@ -942,6 +1034,9 @@ class Params(Section):
     ref_logps: RefLogpsParams = Field(RefLogpsParams(), description="Reference log-probs (stage ref_logps).")
     dpo: DpoParams = Field(DpoParams(), description="Preference training (stage dpo).")
     evaluate: EvaluateParams = Field(EvaluateParams(), description="Comparing the models (stage evaluate).")
+    rounds: RoundsParams = Field(
+        RoundsParams(), description="Iterative DPO rounds after the first (the *_round stages in dvc.yaml)."
+    )
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
@@ -955,12 +1050,24 @@ class Params(Section):
                 f"generate.n: {self.generate.n} sample per prompt gives no pairs to compare; "
                 "set generate.n >= 2 or bring your own pairs (data.preferences.source)"
             )
+        if self.rounds.extra and self.rounds.reference == "sft" and self.dpo.reference == "live":
+            raise ValueError(
+                "rounds.reference: sft with dpo.reference: live: a live reference is the round's starting "
+                "policy; use dpo.reference: precomputed (ref_logps caches the SFT log-probs per round)"
+            )
+        for i, item in enumerate(self.rounds.extra):  # a typo in an override fails before any stage runs
+            for name in ("generate", "dpo"):
+                section = getattr(self, name)
+                merged = merged_over(section.model_dump(), getattr(item, name))
+                validate(type(section), merged, prefix=f"rounds.extra.{i}.{name}")
         return self
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model reached by following ``loc`` from ``model`` (None if not a model)."""
     for key in loc:
+        if isinstance(key, int):  # an entry of a list of sections (rounds.extra.0): the field's model
+            continue
         field = model.model_fields.get(key) if isinstance(key, str) else None
         if field is None:
             return None
@@ -1059,6 +1166,10 @@ def load_section(section: Literal["dpo"], path: str | os.PathLike = ...) -> DpoP
 def load_section(section: Literal["evaluate"], path: str | os.PathLike = ...) -> EvaluateParams: ...
 
 
+@typing.overload
+def load_section(section: Literal["rounds"], path: str | os.PathLike = ...) -> RoundsParams: ...
+
+
 def load_section(section: str, path: str | os.PathLike = "params.yaml") -> Section:
     """Load one section (e.g. ``"dpo"``) through its model, after checking the whole file: a rule
     across sections (``generate.n: 1`` without ``data.preferences.source``) stops the first stage
@@ -1102,6 +1213,36 @@ def section_help(*sections: str) -> str:
 
 
 TRACE_ENV = "ALIGNPIPE_PARAMS_TRACE"
+
+
+S = typing.TypeVar("S", bound=Section)
+
+
+def merged_over(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top, nested sections merged key by key (dpo.peft.r alone keeps the rest)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = merged_over(base[key], value) if nested else value
+    return out
+
+
+def for_round(loaded: S, round_name: str | None, path: str | os.PathLike = "params.yaml") -> S:
+    """``loaded`` (a generate or dpo section) with the overrides of the ``rounds.extra`` entry named
+    ``round_name`` (round-2, ...) on top (None: round 1, the section as it is)."""
+    if round_name is None:
+        return loaded
+    name = next(n for n, f in Params.model_fields.items() if f.annotation is type(loaded))
+    rounds = validate(RoundsParams, read_yaml(path).get("rounds"), where=str(path), prefix="rounds")
+    item = rounds.round(round_name)
+    if item is None:
+        names = ", ".join(r.name for r in rounds.extra) or "none"
+        raise ParamsError(f"{path}: rounds.extra has no round named {round_name!r} (rounds: {names})")
+    merged = merged_over(loaded.model_dump(), getattr(item, name))
+    index = rounds.extra.index(item)
+    return typing.cast(
+        S, validate(type(loaded), merged, where=str(path), prefix=f"rounds.extra.{index}.{name}")
+    )
 
 
 class ParamsTrace:

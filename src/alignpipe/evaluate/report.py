@@ -8,6 +8,7 @@ Layout under the stage's ``--out-dir`` (``reports/``)::
     eval/rewards.csv       reward histogram: model, bin, count (``dvc plots show``)
     eval/pass_rate.csv     family, model, pass_rate, samples (built-in reward only; else header only)
     eval/models.csv        metric, model, value, low, high: win rates, pass rate, signals (stats_report)
+    eval/rounds.csv        round, model, pass_rate, win_rate (+ interval), kl: SFT, then each round's policy
     eval/reward_hist.png, eval/pass_rate.png, eval/training_curves.png   (matplotlib, for eval.md)
 
 The CSVs are long tables, one row per (model, category); ``configs/plots/grouped_bars.json`` is
@@ -36,6 +37,7 @@ from alignpipe.evaluate.plots import (
 )
 from alignpipe.evaluate.preferences import markdown as preference_markdown
 from alignpipe.evaluate.results import Answer, EvalResult, title
+from alignpipe.evaluate.rounds import COLUMNS, round_rows, rounds_markdown
 from alignpipe.evaluate.stats_report import add_statistics, markdown_lines, plot_rows
 
 HIST_BINS = 20
@@ -108,6 +110,8 @@ def eval_metrics(result: EvalResult) -> dict[str, Any]:
         metrics["truncation"] = (
             result.truncation
         )  # eval answers and pairs cut by dpo.max_length / max_prompt_length
+    for model, kl in result.round_kl.items():  # earlier rounds' policies (the last one's: the top level)
+        metrics[model].update(kl=_round(kl.mean), kl_stderr=_round(kl.stderr))
     add_statistics(metrics, result)  # intervals, length control, overfitting signals
     metrics["gate"] = gate_report(metrics, result.params.gate)
     metrics["seconds"] = result.seconds.get("total")
@@ -126,6 +130,7 @@ def write_reports(
     _write_csv(plots / "pass_rate.csv", ["family", "model", "pass_rate", "samples"], rates)
     by_model = plot_rows(metrics, list(result.answers))
     _write_csv(plots / "models.csv", ["metric", "model", "value", "low", "high"], by_model)
+    _write_csv(plots / "rounds.csv", COLUMNS, round_rows(metrics, list(result.answers)))
     if pngs:
         save_png(plot_reward_hist(hist, list(result.answers), result.reward_name), plots / "reward_hist.png")
         save_png(plot_pass_rate(rates, list(result.answers)), plots / "pass_rate.png")
@@ -299,6 +304,7 @@ def render_markdown(result: EvalResult, metrics: Mapping[str, Any]) -> str:
         f"log p_ref(r))] with beta = {result.beta} and the cached reference (SFT) log-probs; accurate when > 0 "
         "(a margin under 1e-5 is fp32 noise: a tie, counted as a miss).",
         "",
+        *rounds_markdown(metrics, models),
         *markdown_lines(metrics, models),
         *preference_markdown(metrics.get("preferences")),
         "## Plots",

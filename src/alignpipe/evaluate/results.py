@@ -13,8 +13,18 @@ MODELS = ("base", "sft", "dpo")  # column order of the reports
 TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 
 
+ROUND_PREFIX = "dpo_round_"  # an earlier round's policy: dpo_round_1 (models/dpo), ...; the last one is "dpo"
+
+
+def round_number(model: str) -> int:
+    """k of ``dpo_round_k``."""
+    return int(model.removeprefix(ROUND_PREFIX))
+
+
 def title(model: str) -> str:
-    """A model's column title (a label outside MODELS, e.g. another round's policy, as it is)."""
+    """A model's column title (an earlier round's policy: "DPO round k"; other labels as they are)."""
+    if model.startswith(ROUND_PREFIX):
+        return f"DPO round {round_number(model)}"
     return TITLES.get(model, model)
 
 
@@ -101,3 +111,4 @@ class EvalResult:
     truncation: dict[str, dict[str, int]] = field(default_factory=dict)  # "answers"/"pairs": Truncation
     family_order: Sequence[str] = ()  # the task's families, the order pass rates are listed in
     demo_nll: dict[str, DemoNll] = field(default_factory=dict)  # model -> NLL of SFT demonstrations
+    round_kl: dict[str, Estimate] = field(default_factory=dict)  # dpo_round_k -> KL(its policy || sft)

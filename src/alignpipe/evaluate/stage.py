@@ -49,7 +49,8 @@ from alignpipe.core.progress import Timer
 from alignpipe.data import builtin as task
 from alignpipe.evaluate.preferences import preference_split
 from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult, WinRate
-from alignpipe.params import DpoParams, EvaluateParams, RewardParams
+from alignpipe.evaluate.rounds import earlier_rounds, is_round, with_rounds
+from alignpipe.params import DpoParams, EvaluateParams, RewardParams, RoundsParams
 
 MARGIN_TIE = 1e-5  # |implicit-reward margin| below this is fp32 noise: a tie (see pairs_metrics)
 
@@ -281,6 +282,28 @@ def policy_logps(
     return kl, pairs_result
 
 
+def answers_kl(
+    policy_dir: str | os.PathLike,
+    sft_dir: str | os.PathLike,
+    prompts: Sequence[EvalPrompt],
+    answers: Sequence[Answer],
+    params: EvaluateParams,
+    dpo: DpoParams,
+) -> Estimate:
+    """KL(policy || sft) on the policy's own answers, as :func:`policy_logps` (an earlier round's policy)."""
+    by_id = {p.prompt_id: p.prompt for p in prompts}
+    texts = [by_id[a.prompt_id] for a in answers]
+    logps = []
+    for model_dir in (policy_dir, sft_dir):
+        with loaded_scorer(model_dir, params.dtype) as (tokenizer, scorer):
+            seqs = encode_answers(tokenizer, texts, answers, dpo.max_length, dpo.max_prompt_length)
+            pad = tokenizer.pad_token_id
+            logps.append(
+                sequence_logps(scorer, seqs, params.batch_size, pad, True, f"logps {model_dir}").tolist()
+            )
+    return kl_estimate(logps[0], logps[1], [a.prompt_id for a in answers])
+
+
 def run_evaluate(
     models: Mapping[str, str | os.PathLike],
     prompts_path: str | os.PathLike,
@@ -295,7 +318,8 @@ def run_evaluate(
     sft_data: str | os.PathLike | None = None,
     preferences: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Run the stage; ``models`` maps "sft", "dpo" (and "base", used when ``include_base``) to folders.
+    """Run the stage; ``models`` maps "sft", "dpo" (and "base", used when ``include_base``) to folders,
+    and with rounds "dpo_round_1", ... to the earlier rounds' policies ("dpo": the last round's).
 
     ``sft_data``: the prepared SFT demonstrations, for the forgetting signal (None: not measured).
     ``preferences``: ``data/pairs/test.parquet`` (``evaluate.preferences``); with rows, eval.json gets
@@ -312,7 +336,7 @@ def run_evaluate(
 
     total = Timer("evaluate")
     prompts = load_eval_prompts(prompts_path, params.max_prompts)
-    labels = [m for m in MODELS if m != "base" or params.include_base]
+    labels = with_rounds([m for m in MODELS if m != "base" or params.include_base], models)
     answers = {m: generate_answers(models[m], prompts, params, m) for m in labels}
     reward_params = judge(reward_params, prompts)
     answers, reward_name = score_answers(reward_params, prompts, answers, reward_model)
@@ -321,6 +345,8 @@ def run_evaluate(
                              params, dpo, truncation)  # fmt: skip
     for what, counts in truncation.items():
         counts.warn("evaluate", f"eval {what}", DPO_LENGTH_KEYS)
+    round_kl = {m: answers_kl(models[m], models["sft"], prompts, answers[m], params, dpo)
+                for m in labels if is_round(m)}  # fmt: skip
     demo_nll = forgetting({m: models[m] for m in labels}, sft_data, params, dpo)
     result = EvalResult(
         params=params,
@@ -337,6 +363,7 @@ def run_evaluate(
         seconds={"total": round(total.seconds, 1)},
         truncation={what: counts.as_dict() for what, counts in truncation.items()},
         demo_nll=demo_nll,
+        round_kl=round_kl,
     )
     metrics = eval_metrics(result)
     split = preference_split(models["dpo"], preferences, ref_logps_path, params, dpo) if preferences else None
@@ -375,12 +402,14 @@ class EvaluateSettings:
     evaluate: EvaluateParams
     reward: RewardParams
     dpo: DpoParams
+    rounds: RoundsParams = RoundsParams()  # with rounds after the first: their policies are evaluated too
 
 
 def run(params: EvaluateSettings, paths: EvaluatePaths) -> dict[str, Any]:
-    """The stage; returns eval.json."""
+    """The stage; returns eval.json. ``paths.dpo`` is the last round's policy (``rounds.final``); the
+    earlier rounds' are the folders ``rounds`` names (models/dpo, models/round-k/dpo)."""
     curves = {k: v for k, v in (("sft", paths.sft_curves), ("dpo", paths.dpo_curves)) if v is not None}
-    models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base}
+    models = {"sft": paths.sft, "dpo": paths.dpo, "base": paths.base, **earlier_rounds(params.rounds)}
     return run_evaluate(models, paths.prompts, paths.pairs, paths.ref_logps, paths.out_dir,
                         params.evaluate, params.reward, params.dpo, curves=curves,
                         reward_model=paths.reward_model, sft_data=paths.sft_data,
