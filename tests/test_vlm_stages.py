@@ -1,0 +1,86 @@
+"""The DAG's stages on the tiny VLM (alignpipe.testing_vlm): generate (N samples per image prompt,
+resumable by chunks), as the text path's tests do it on the tiny Llama."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from alignpipe.artifacts.generations import read_generations
+from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.artifacts.schema import GENERATIONS, PROMPTS, with_images
+from alignpipe.generate import run_generate
+from alignpipe.generation.base import derive_seed
+from alignpipe.params import GenerateParams
+from alignpipe.testing_vlm import save_tiny_vlm, square_png
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+QUESTION = [{"role": "user", "content": "what colour is this square?"}]
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    return save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "vlm")
+
+
+@pytest.fixture(scope="module")
+def image_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    rows = [dict(prompt_id=f"p{name}", prompt=QUESTION, meta=None, images=[{"bytes": square_png(rgb), "path": None}])
+            for name, rgb in COLOURS.items()]  # fmt: skip
+    write_parquet(rows, path, with_images(PROMPTS))
+    return path
+
+
+def _params(**kw) -> GenerateParams:
+    return GenerateParams(**{**dict(backend="hf", n=2, max_new_tokens=4, temperature=1.0, chunk_prompts=2,
+                                    dtype="float32"), **kw})  # fmt: skip
+
+
+def test_generate_on_a_vlm_samples_n_per_image_prompt_and_resumes(vlm_dir, image_prompts, tmp_path):
+    """Each image prompt gets n samples, each the sample of its own seed (prompt seed + j) drawn with
+    the prompt's image; the artifact keeps the text schema (images stay in prompts, joined by
+    prompt_id); a run killed after its first chunk resumes to the same rows."""
+    from alignpipe.vision.generate import sample_with_images
+    from alignpipe.vision.models import load_image_text_model, load_processor
+
+    out = tmp_path / "full"
+    metrics = run_generate(vlm_dir, image_prompts, out, _params(), progress=False)
+    rows = read_generations(out)
+    assert metrics["complete"] and metrics["chunks"] == 2 and metrics["samples"] == 6
+    assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [
+        (f"p{c}", j) for c in COLOURS for j in (0, 1)
+    ]
+    assert pq.read_schema(out / "chunk-00000.parquet").names == GENERATIONS.names  # no image bytes per sample
+    processor = load_processor(vlm_dir)
+    model = load_image_text_model(vlm_dir, "float32", torch.device("cpu")).eval()
+    prompts = {r["prompt_id"]: r for r in read_parquet(image_prompts, with_images(PROMPTS))}
+    for pid, prompt in prompts.items():
+        seed = derive_seed(0, pid)
+        direct = sample_with_images(model, processor, prompt["prompt"], prompt["images"], 2, 4, 1.0, seed)
+        got = [r for r in rows if r["prompt_id"] == pid]
+        assert [r["completion"] for r in got] == [s.completion for s in direct]
+        assert [r["seed"] for r in got] == [seed, seed + 1]
+        assert [r["logprob"] for r in got] == pytest.approx([s.logprob for s in direct], abs=1e-5)
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_after_first(chunk):
+        raise Killed
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        run_generate(vlm_dir, image_prompts, resumed, _params(), progress=False, after_chunk=kill_after_first)
+    assert not (resumed / "manifest.json").exists()
+    again = run_generate(vlm_dir, image_prompts, resumed, _params(), progress=False)
+    assert again["chunks_generated"] == 1 and again["chunks_reused"] == 1
+    assert read_generations(resumed) == rows
+
+
+def test_generate_on_a_vlm_refuses_vllm(vlm_dir, image_prompts, tmp_path):
+    from alignpipe.generation.base import GenerationError
+
+    with pytest.raises(GenerationError, match="backend: hf only"):
+        run_generate(vlm_dir, image_prompts, tmp_path / "g", _params(backend="vllm"), progress=False)
