@@ -84,3 +84,37 @@ def test_generate_on_a_vlm_refuses_vllm(vlm_dir, image_prompts, tmp_path):
 
     with pytest.raises(GenerationError, match="backend: hf only"):
         run_generate(vlm_dir, image_prompts, tmp_path / "g", _params(backend="vllm"), progress=False)
+
+
+def _generations(out, answers: dict[str, list[str]]):
+    """A finished generations folder with the given completions per prompt id (one chunk)."""
+    from alignpipe.artifacts.generations import plan_chunks, write_chunk, write_manifest
+
+    rows = [dict(prompt_id=pid, sample_idx=j, completion=text, n_tokens=1, finish_reason="stop", logprob=-1.0,
+                 backend="hf", seed=j) for pid, texts in answers.items() for j, text in enumerate(texts)]  # fmt: skip
+    out.mkdir(parents=True)
+    chunks = plan_chunks(len(answers), len(answers))
+    write_chunk(out / chunks[0].path_name, rows, "fp")
+    n = len(next(iter(answers.values())))
+    write_manifest(out, chunks, "fp", backend="hf", prompts=len(answers), n=n)
+    return out
+
+
+def test_score_passes_each_completion_its_prompts_images_to_a_python_reward(image_prompts, tmp_path):
+    """reward.kind python on image prompts: the function gets images= (the colour reward is exact), so
+    the same answer scores 1 on its own square and 0 on another's."""
+    import json
+
+    from alignpipe.params import RewardParams
+    from alignpipe.score import score
+
+    answers = {"pred": ["red", "blue"], "pgreen": [" Green", "red"], "pblue": ["blue", "a square"]}
+    gens = _generations(tmp_path / "generations", answers)
+    params = RewardParams(kind="python", function="alignpipe.testing_vlm:colour_reward")
+    metrics = score(gens, image_prompts, tmp_path / "scored.parquet", tmp_path / "score.json", params)
+    rows = read_parquet(tmp_path / "scored.parquet")
+    assert [(r["prompt_id"], r["completion"], r["reward"]) for r in rows] == [
+        ("pred", "red", 1.0), ("pred", "blue", 0.0), ("pgreen", " Green", 1.0), ("pgreen", "red", 0.0),
+        ("pblue", "blue", 1.0), ("pblue", "a square", 0.0),
+    ]  # fmt: skip
+    assert metrics["reward_mean"] == 0.5 and json.loads((tmp_path / "score.json").read_text())["samples"] == 6
