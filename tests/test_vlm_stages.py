@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from alignpipe.artifacts import schema
 from alignpipe.artifacts.generations import read_generations
 from alignpipe.artifacts.io import read_parquet, write_parquet
 from alignpipe.artifacts.schema import GENERATIONS, PROMPTS, with_images
@@ -118,3 +119,34 @@ def test_score_passes_each_completion_its_prompts_images_to_a_python_reward(imag
         ("pblue", "blue", 1.0), ("pblue", "a square", 0.0),
     ]  # fmt: skip
     assert metrics["reward_mean"] == 0.5 and json.loads((tmp_path / "score.json").read_text())["samples"] == 6
+
+
+def test_pairs_keep_each_pairs_images_and_ref_logps_reads_them(image_prompts, vlm_dir, tmp_path):
+    """pairs on image prompts: every train/eval pair carries its prompt's images (by prompt_id; a user
+    pair its own, by pair_id), and the files encode through the VLM pair reader (one image per pair)."""
+    import shutil
+
+    from pairs_helpers import run_pairs, table, user_pair, write_inputs
+
+    from alignpipe.params import PairsParams
+    from alignpipe.vision.logprobs import read_vision_pairs
+    from alignpipe.vision.models import load_processor
+
+    scored = [r for c in COLOURS for r in table([1.0, 0.0], pid=f"p{c}")]
+    user = {**user_pair("u1", "and this one?", "green", "red"), "images": [{"bytes": square_png(COLOURS["green"]), "path": None}]}  # fmt: skip
+    write_inputs(tmp_path, scored)
+    shutil.copy(image_prompts, tmp_path / "prepared/prompts.parquet")
+    write_parquet([user], tmp_path / "prepared/preferences.parquet", with_images(schema.PREFERENCES))
+    run_pairs(tmp_path, PairsParams(eval_fraction=0.34))
+    rows = [r for split in ("train", "eval") for r in read_parquet(tmp_path / f"pairs/{split}.parquet", with_images(schema.PAIRS))]  # fmt: skip
+    assert sorted(r["prompt_id"] for r in rows if r["source"] == "generated") == sorted(
+        f"p{c}" for c in COLOURS
+    )
+    for r in rows:
+        colour = "green" if r["source"] == "user" else r["prompt_id"][1:]
+        assert [i["bytes"] for i in r["images"]] == [square_png(COLOURS[colour])], r["pair_id"]
+    assert sum(r["source"] == "user" for r in rows) == 1
+    encoded = read_vision_pairs(tmp_path / "pairs/train.parquet", load_processor(vlm_dir), 64)
+    assert encoded and all(
+        p.n_images == 1 and p.pixel_inputs["pixel_values"].shape == (1, 3, 16, 16) for p in encoded
+    )
