@@ -150,3 +150,54 @@ def test_pairs_keep_each_pairs_images_and_ref_logps_reads_them(image_prompts, vl
     assert encoded and all(
         p.n_images == 1 and p.pixel_inputs["pixel_values"].shape == (1, 3, 16, 16) for p in encoded
     )
+
+
+def _vlm_pairs(tmp_path, image_prompts):
+    """The pairs stage's output on the three colour prompts (one pair each, 1 vs 0)."""
+    import shutil
+
+    from pairs_helpers import run_pairs, table, write_inputs
+
+    from alignpipe.params import PairsParams
+
+    write_inputs(tmp_path, [r for c in COLOURS for r in table([1.0, 0.0], pid=f"p{c}")])
+    shutil.copy(image_prompts, tmp_path / "prepared/prompts.parquet")
+    run_pairs(tmp_path, PairsParams(eval_fraction=0.34))
+    return tmp_path / "pairs"
+
+
+def _own_forward_logp(model, pair, side: str) -> float:
+    """Summed log-prob of one side's completion tokens from the VLM's own forward (prompt + answer)."""
+    enc = getattr(pair, side)
+    ids = torch.tensor([enc.prompt_ids + enc.completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pair.pixel_inputs["pixel_values"]).logits[0].float()
+    logps = logits[:-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(logps[len(enc.prompt_ids) - 1 :].sum())
+
+
+def test_ref_logps_on_a_vlm_equal_the_models_own_forward(image_prompts, vlm_dir, tmp_path):
+    """ref_logps dispatches on the VLM folder: every pair of train/eval/test is scored, each side equal
+    to the model's own full forward with the pair's image (float32)."""
+    from alignpipe.artifacts.ref_logps import PairScores
+    from alignpipe.params import RefLogpsParams
+    from alignpipe.ref_logps import run_ref_logps
+    from alignpipe.training.numerics import Numerics
+    from alignpipe.vision.models import load_image_text_model, load_processor
+    from alignpipe.vision.ref_logps import read_vision_splits
+
+    pairs_dir = _vlm_pairs(tmp_path, image_prompts)
+    out = tmp_path / "ref_logps.parquet"
+    summary = run_ref_logps(vlm_dir, pairs_dir, out, RefLogpsParams(dtype="float32", batch_size=2), 128, 64,
+                            policy=Numerics("float32"))  # fmt: skip
+    assert summary["pairs"] == 3 and summary["vision"]
+    scores = PairScores.read(out)
+    pairs = read_vision_splits(pairs_dir, load_processor(vlm_dir), 128, ("train", "eval", "test"))
+    model = load_image_text_model(vlm_dir, "float32", torch.device("cpu")).eval()
+    expected = {p.pair_id: (_own_forward_logp(model, p, "chosen"), _own_forward_logp(model, p, "rejected")) for p in pairs}  # fmt: skip
+    got = dict(
+        zip(scores.pair_ids, zip(scores.chosen.tolist(), scores.rejected.tolist(), strict=True), strict=True)
+    )
+    assert sorted(got) == sorted(expected)
+    for pid, (c, r) in expected.items():
+        assert got[pid] == pytest.approx((c, r), abs=1e-4)

@@ -125,17 +125,17 @@ def pairs(
     report["pairs_test"] = len(test)
     by_prompt = _images_by(Path(prompts_path), schema.PROMPTS, "prompt_id")
     by_pair = _images_by(Path(prepared_dir) / "preferences.parquet", schema.PREFERENCES, "pair_id")
+    by_test = _images_by(Path(prepared_dir) / "eval_preferences.parquet", schema.PREFERENCES, "pair_id")
     pairs_schema = schema.PAIRS
-    if by_prompt or by_pair:  # VLM data: each pair keeps its prompt's images (bytes, not decoded)
-        train, evals = (
-            with_pair_images(train, by_prompt, by_pair),
-            with_pair_images(evals, by_prompt, by_pair),
-        )
+    if by_prompt or by_pair or by_test:  # VLM data: each pair keeps its prompt's images (bytes as stored)
+        train = with_pair_images(train, by_prompt, by_pair)
+        evals = with_pair_images(evals, by_prompt, by_pair)
+        test = with_pair_images(test, {}, by_test)
         pairs_schema = schema.with_images(schema.PAIRS)
     with atomic_path(out_dir) as tmp:
         write_parquet(train, tmp / "train.parquet", pairs_schema)
         write_parquet(evals, tmp / "eval.parquet", pairs_schema)
-        write_parquet(test, tmp / "test.parquet", schema.PAIRS)
+        write_parquet(test, tmp / "test.parquet", pairs_schema)
     if unpaired_dir is not None:
         with atomic_path(unpaired_dir) as tmp:
             write_parquet(u_train, tmp / "train.parquet", schema.UNPAIRED)
