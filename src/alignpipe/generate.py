@@ -27,6 +27,7 @@ nothing and writes the marker folder ``SKIPPED.json`` (a constant), and ``score`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,11 +47,13 @@ from alignpipe.artifacts.generations import (
     write_manifest,
 )
 from alignpipe.artifacts.io import ArtifactError, atomic_path, read_parquet, write_json
-from alignpipe.artifacts.schema import PROMPTS, RATED
+from alignpipe.artifacts.schema import PROMPTS, RATED, with_images
 from alignpipe.core.progress import Timer
 from alignpipe.generation.base import Backend, PromptRequest, build_requests, resolve_backend
 from alignpipe.generation.load import load_chat_tokenizer, loaded_backend
 from alignpipe.params import GenerateParams
+from alignpipe.vision.backend import VisionHFBackend, build_vision_requests
+from alignpipe.vision.models import is_vision_model_folder, load_processor
 
 # Settings that change speed or memory but not the samples: changing them keeps finished chunks.
 NOT_FINGERPRINTED = {"num_shards", "batch_size", "gpu_memory_utilization", "tensor_parallel_size"}
@@ -134,15 +137,18 @@ def generate_chunk(
     ]
 
 
-def _load_prompts(prompts_path: str | os.PathLike) -> tuple[list[str], list[Any]]:
-    rows = read_parquet(prompts_path, PROMPTS)
+def _load_prompts(
+    prompts_path: str | os.PathLike, vision: bool = False
+) -> tuple[list[str], list[Any], list[Any]]:
+    """Prompt ids, prompts and (for a VLM, from the ``images`` column) each prompt's images."""
+    rows = read_parquet(prompts_path, with_images(PROMPTS) if vision else PROMPTS)
     if not rows:
         raise ArtifactError(f"{prompts_path}: no prompts")
     ids = [r["prompt_id"] for r in rows]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ArtifactError(f"{prompts_path}: prompt_id '{dup}' appears more than once")
-    return ids, [r["prompt"] for r in rows]
+    return ids, [r["prompt"] for r in rows], [r.get("images") or [] for r in rows]
 
 
 def run_generate(
@@ -163,10 +169,14 @@ def run_generate(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prompt_ids, prompts = _load_prompts(prompts_path)
-    tokenizer = load_chat_tokenizer(model_dir)
-    backend_name = resolve_backend(params.backend)
-    requests = build_requests(tokenizer, prompts, prompt_ids, params.seed)
+    vision = is_vision_model_folder(model_dir)  # dispatched once, on the model's config
+    prompt_ids, prompts, images = _load_prompts(prompts_path, vision)
+    tokenizer = load_processor(model_dir) if vision else load_chat_tokenizer(model_dir)
+    backend_name = "hf" if vision else resolve_backend(params.backend)  # a VLM: hf only (vision/backend.py)
+    if vision:
+        requests = build_vision_requests(tokenizer, prompts, images, prompt_ids, params.seed)
+    else:
+        requests = build_requests(tokenizer, prompts, prompt_ids, params.seed)
     fp = fingerprint(params, backend_name, model_digest(model_dir), prompt_ids, requests)
     chunks = plan_chunks(len(prompts), params.chunk_prompts)
     done = prune_stale(out_dir, fp)
@@ -174,7 +184,9 @@ def run_generate(
     timer = Timer("generate" if shard is None else f"generate shard {shard}/{params.num_shards}")
     new_rows: list[dict[str, Any]] = []
     if todo:
-        with loaded_backend(model_dir, params, tokenizer) as backend:
+        opened = (contextlib.closing(VisionHFBackend.load(model_dir, params, tokenizer)) if vision
+                  else loaded_backend(model_dir, params, tokenizer))  # fmt: skip
+        with opened as backend:
             for chunk, rows in _sample_chunks(backend, requests, prompt_ids, todo, params.n, timer, progress):
                 write_chunk(out_dir / chunk.path_name, rows, fp)
                 new_rows += rows

@@ -31,6 +31,8 @@ from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.params import DpoParams, RefLogpsParams
 from alignpipe.training.numerics import Numerics, reference_scorer
+from alignpipe.vision.models import is_vision_model_folder
+from alignpipe.vision.ref_logps import run_vision_ref_logps
 
 SPLITS = ("train", "eval", "test")  # test: evaluate.preferences (evaluate reads its SFT log-probs here)
 
@@ -57,7 +59,13 @@ def run_ref_logps(
     none when the folder is missing or None) and their KL mismatches into ``out`` (REF_LOGPS_UNPAIRED).
 
     ``reference_free`` (``dpo.reference_free``): no model runs; every log-prob is 0 (the token counts
-    are the pairs' own), which is what ``dpo`` and ``evaluate`` then read."""
+    are the pairs' own), which is what ``dpo`` and ``evaluate`` then read.
+
+    A VLM folder (a vision config) dispatches once to :mod:`alignpipe.vision.ref_logps`."""
+    if is_vision_model_folder(model_dir):
+        numerics = policy if policy is not None and params.dtype == "auto" else Numerics(params.dtype)
+        return run_vision_ref_logps(model_dir, pairs_dir, out, params, max_length, metrics, numerics,
+                                    reference_free, unpaired, SPLITS)  # fmt: skip
     tokenizer = load_tokenizer(model_dir)
     require_chat_template(tokenizer, where=str(model_dir))
     pairs = []

@@ -33,9 +33,13 @@ from alignpipe.training.fingerprint import sha256_tree
 
 
 def score_rows(
-    reward: Reward, generations: list[dict[str, Any]], prompts: dict[str, dict[str, Any]]
+    reward: Reward,
+    generations: list[dict[str, Any]],
+    prompts: dict[str, dict[str, Any]],
+    images: dict[str, list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Scored rows (SCORED columns) for ``generations``; ``prompts`` maps prompt_id to its PROMPTS row."""
+    """Scored rows (SCORED columns) for ``generations``; ``prompts`` maps prompt_id to its PROMPTS row,
+    ``images`` (VLM prompts, a python reward) to its opened images, passed per completion (shared)."""
     for row in generations:
         if row["prompt_id"] not in prompts:
             raise ArtifactError(f"generations: prompt_id {row['prompt_id']!r} is not in the prompts file")
@@ -45,6 +49,7 @@ def score_rows(
         [r["completion"] for r in generations],
         [prompts[r["prompt_id"]]["meta"] for r in generations],
         labels=[f"(prompt_id={r['prompt_id']}, sample_idx={r['sample_idx']})" for r in generations],
+        images=None if images is None else [images[r["prompt_id"]] for r in generations],
     )
     return [
         {**row, "reward": res.reward, "reward_details": json.dumps(res.details, sort_keys=True)}
@@ -93,6 +98,7 @@ def score(
     ``reward_model``: the reward_model stage's folder, scored with by ``reward.kind: trained``."""
     prompt_rows = read_parquet(prompts_path, schema.PROMPTS)
     prompts = {r["prompt_id"]: r for r in prompt_rows}
+    images = prompt_images(prompts_path) if params.kind == "python" else None  # a VLM: python only
     position = {pid: i for i, pid in enumerate(prompts)}
     generations = read_generations(generations_dir)  # checked complete: every prompt has its n samples
     if not generations:
@@ -101,7 +107,7 @@ def score(
     timer = Timer("score")
     reward = get_reward(params, reward_model)
     try:
-        rows = score_rows(reward, generations, prompts)
+        rows = score_rows(reward, generations, prompts, images)
     finally:
         reward.close()
     write_parquet(rows, out, schema.SCORED)
@@ -119,6 +125,19 @@ def score(
         )
     reward_truncation(results).warn("score", "conversations", "reward.max_length")
     return metrics
+
+
+def prompt_images(prompts_path: str | os.PathLike) -> dict[str, list[Any]] | None:
+    """prompt_id -> its images (PIL, opened once) when the prompts have an ``images`` column (VLM data);
+    None for text prompts (the reward is then called as before)."""
+    import pyarrow.parquet as pq
+
+    if "images" not in pq.read_schema(prompts_path).names:
+        return None
+    from alignpipe.vision.models import open_images
+
+    rows = read_parquet(prompts_path, schema.with_images(schema.PROMPTS))
+    return {r["prompt_id"]: open_images(r["images"] or []) for r in rows}
 
 
 def reward_hash(params: RewardParams, reward_model: Path | None = None) -> str:

@@ -18,6 +18,7 @@ from alignpipe.core.objective import combined_loss, preference_loss
 from alignpipe.dpo.data import DpoPairs
 from alignpipe.params import DpoParams
 from alignpipe.training.loop import NonFiniteError
+from alignpipe.vision.logprobs import collate_vision_pairs, vision_pair_logps
 
 # Per-pair quantities summed over a step (then divided by its pairs): the names DVCLive logs.
 SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -53,6 +54,7 @@ class DpoRun:
     share_prompt: bool = False  # padding-free pairs run their prompt once (alignpipe.core.attention)
     options: LoopOptions = LoopOptions()
     router_coef: float = 0.0  # MoE: weight of the router's load-balancing loss (alignpipe.core.router)
+    image_token: int | None = None  # a VLM: its image placeholder id (pairs carry pixel inputs)
 
     @property
     def global_size(self) -> int:
@@ -110,9 +112,16 @@ def batch_logps(run: DpoRun, data: DpoPairs, index: list[int]) -> tuple[Any, Pai
     """Collate ``index``; policy log-probs (with grad when enabled) and reference log-probs."""
     device = run.accelerator.device
     pairs = [data.pairs[i] for i in index]
-    batch = collate_pairs(pairs, run.params.padding_free, run.pad_token_id, run.row_tokens, run.share_prompt)
-    batch = batch.to(device)
-    policy = pair_logps(run.scorer, batch, aligned=run.params.wpo)
+    if run.image_token is None:
+        batch = collate_pairs(
+            pairs, run.params.padding_free, run.pad_token_id, run.row_tokens, run.share_prompt
+        )
+        batch = batch.to(device)
+        policy = pair_logps(run.scorer, batch, aligned=run.params.wpo)
+    else:  # a VLM: each pair's images through the tower once, both sides share the features
+        images = collate_vision_pairs(pairs, run.params.padding_free, run.pad_token_id, run.image_token,
+                                      run.row_tokens, run.share_prompt).to(device)  # fmt: skip
+        batch, policy = images.batch, vision_pair_logps(run.scorer, images, aligned=run.params.wpo)
     if run.params.reference_free:  # TRL's reference_free: log pi_ref = 0
         ref_c, ref_r = torch.zeros_like(policy.chosen_logps), torch.zeros_like(policy.rejected_logps)
     elif run.ref_scorer is None:

@@ -41,6 +41,7 @@ from alignpipe.dpo.run import (
     pair_losses,
 )
 from alignpipe.dpo.tr_dpo import sync_reference
+from alignpipe.dpo.vision import check_vision_dpo, load_vision_policy, load_vision_split
 from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (
     checkpoint_history,
@@ -55,6 +56,8 @@ from alignpipe.training.metrics import MetricsLog
 from alignpipe.training.numerics import Numerics, load_model, reference_scorer
 from alignpipe.training.peft import apply_peft, unquantized_copy
 from alignpipe.training.timed_save import SaveTimer
+from alignpipe.vision.logprobs import VisionCompletionScorer
+from alignpipe.vision.models import image_token_id, is_vision_model_folder, load_processor
 
 DEFAULT_OPTIONS = LoopOptions()
 
@@ -204,22 +207,28 @@ def build_run(
     numerics = Numerics.of_policy(params.dtype, params.peft.enabled, params.peft.load_in_4bit)
     acc = make_accelerator(numerics, params.grad_accum)
     seed_everything(params.seed)
-    tokenizer = load_tokenizer(model_dir)
-    require_chat_template(tokenizer, where=str(model_dir))
+    vision = is_vision_model_folder(model_dir)  # dispatched once, on the SFT folder's config
+    if vision:
+        check_vision_dpo(params, model_dir)
+        tokenizer = load_processor(model_dir)  # saved with the model; its tokenizer pads
+    else:
+        tokenizer = load_tokenizer(model_dir)
+        require_chat_template(tokenizer, where=str(model_dir))
     lengths = (params.max_length, params.max_prompt_length)
     if params.unpaired and unpaired is None:
         raise ValueError(f"dpo.loss_type {params.loss_type} trains on unpaired examples: pass --unpaired")
     folder, ref_path = unpaired if params.unpaired and unpaired else (pairs_dir, ref_logps)
-    load = kto.load_unpaired_split if params.unpaired else load_split
+    load = kto.load_unpaired_split if params.unpaired else load_vision_split if vision else load_split
     train_data = load(folder, "train", ref_path, tokenizer, *lengths)
     has_eval = (folder / "eval.parquet").exists()
     eval_data = load(folder, "eval", ref_path, tokenizer, *lengths) if has_eval else None
     if not eval_data and params.early_stopping.metric != "off":
         raise ValueError(f"dpo.early_stopping watches the eval pairs, but {folder} has none")
-    model = load_model(model_dir, numerics, acc.device)  # the ref_logps stage loads the same way
+    model = (load_vision_policy if vision else load_model)(model_dir, numerics, acc.device)  # as ref_logps
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    scorer = CompletionScorer(apply_peft(model, params.peft), head_all_positions=not options.completion_head)
+    scorer_class = VisionCompletionScorer if vision else CompletionScorer
+    scorer = scorer_class(apply_peft(model, params.peft), head_all_positions=not options.completion_head)
     scorer.train()
     router = router_weight(scorer.causal_lm.config, params.router_aux_loss_coef)
     scorer.route = router > 0
@@ -241,8 +250,9 @@ def build_run(
         raise ValueError(f"dpo: {len(train_data)} {rows} are too few for one step of {global_size}")
     scheduler = build_scheduler(optimizer, params, total)
     scorer, optimizer = prepare(acc, scorer, optimizer, params)
+    pad = (tokenizer.tokenizer if vision else tokenizer).pad_token_id
     run = DpoRun(params, acc, scorer, ref, optimizer, scheduler, train_data, eval_data or None,
-                 tokenizer.pad_token_id, total, row_tokens, share, options, router)  # fmt: skip
+                 pad, total, row_tokens, share, options, router, image_token_id(model) if vision else None)  # fmt: skip
     return run, tokenizer
 
 

@@ -74,6 +74,24 @@ def _read_optional(path: Path, table_schema: Any) -> list[dict[str, Any]]:
     return read_parquet(path, table_schema) if path.exists() else []
 
 
+def _images_by(path: Path, table_schema: Any, key: str) -> dict[str, list[dict[str, Any]]]:
+    """``key`` -> images (``{"bytes", "path"}``) of a prepared table with an ``images`` column (VLM data),
+    read without decoding; {} when the table has none (text data) or is absent."""
+    import pyarrow.parquet as pq
+
+    if not path.exists() or "images" not in pq.read_schema(path).names:
+        return {}
+    return {r[key]: r["images"] or [] for r in read_parquet(path, schema.with_images(table_schema))}
+
+
+def with_pair_images(
+    rows: list[dict[str, Any]], by_prompt: dict[str, list[Any]], by_pair: dict[str, list[Any]]
+) -> list[dict[str, Any]]:
+    """Pairs rows with their prompt's images: a generated pair's by prompt_id (prompts.parquet), a user
+    pair's by pair_id (preferences.parquet); [] for a row with none."""
+    return [{**r, "images": by_prompt.get(r["prompt_id"], by_pair.get(r["pair_id"], []))} for r in rows]
+
+
 def pairs(
     scored_path: str | os.PathLike,
     prompts_path: str | os.PathLike,
@@ -105,10 +123,19 @@ def pairs(
         _read_optional(Path(prepared_dir) / "eval_preferences.parquet", schema.PREFERENCES), {}
     )
     report["pairs_test"] = len(test)
+    by_prompt = _images_by(Path(prompts_path), schema.PROMPTS, "prompt_id")
+    by_pair = _images_by(Path(prepared_dir) / "preferences.parquet", schema.PREFERENCES, "pair_id")
+    by_test = _images_by(Path(prepared_dir) / "eval_preferences.parquet", schema.PREFERENCES, "pair_id")
+    pairs_schema = schema.PAIRS
+    if by_prompt or by_pair or by_test:  # VLM data: each pair keeps its prompt's images (bytes as stored)
+        train = with_pair_images(train, by_prompt, by_pair)
+        evals = with_pair_images(evals, by_prompt, by_pair)
+        test = with_pair_images(test, {}, by_test)
+        pairs_schema = schema.with_images(schema.PAIRS)
     with atomic_path(out_dir) as tmp:
-        write_parquet(train, tmp / "train.parquet", schema.PAIRS)
-        write_parquet(evals, tmp / "eval.parquet", schema.PAIRS)
-        write_parquet(test, tmp / "test.parquet", schema.PAIRS)
+        write_parquet(train, tmp / "train.parquet", pairs_schema)
+        write_parquet(evals, tmp / "eval.parquet", pairs_schema)
+        write_parquet(test, tmp / "test.parquet", pairs_schema)
     if unpaired_dir is not None:
         with atomic_path(unpaired_dir) as tmp:
             write_parquet(u_train, tmp / "train.parquet", schema.UNPAIRED)

@@ -88,11 +88,13 @@ def score_completions(
     completions: Sequence[str],
     metas: Sequence[str | None] | None = None,
     labels: Sequence[str] | None = None,
+    images: Sequence[list[Any]] | None = None,
 ) -> list[RewardResult]:
     """Score ``completions`` (assistant texts) of ``prompts``; every reward is finite or this raises.
 
     ``metas`` are the prompts' ``meta`` column (the builtin reward needs it); ``labels`` name the
-    rows in error messages (e.g. ``"(bi-prompt-000003, 2)"``), default their index.
+    rows in error messages (e.g. ``"(bi-prompt-000003, 2)"``), default their index. ``images``: per
+    completion, its prompt's images (PIL), passed as ``images=`` (a ``python`` reward of VLM prompts).
     """
     n = len(completions)
     metas = [None] * n if metas is None else list(metas)
@@ -105,7 +107,8 @@ def score_completions(
     if n == 0:
         return []
     try:
-        results = reward.score(list(prompts), list(completions), metas)
+        extra = {} if images is None else {"images": list(images)}
+        results = reward.score(list(prompts), list(completions), metas, **extra)
     except RewardError as exc:
         if exc.index is None or not 0 <= exc.index < n:
             raise

@@ -50,8 +50,10 @@ def sample_with_images(
     max_new_tokens: int,
     temperature: float,
     seed: int,
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> list[VisionSample]:
-    """``n`` completions of one image prompt (greedy when ``temperature`` is 0)."""
+    """``n`` completions of one image prompt (greedy when ``temperature`` is 0; ``top_k`` 0 is off)."""
     device = next(model.parameters()).device
     inputs = prompt_inputs(processor, prompt, images).to(device)
     eos = processor.tokenizer.eos_token_id
@@ -59,7 +61,7 @@ def sample_with_images(
     out = []
     for j in range(n):
         torch.manual_seed(seed + j)
-        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if temperature else {}
         gen = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos,
                              pad_token_id=processor.tokenizer.pad_token_id, output_logits=True,
                              return_dict_in_generate=True, do_sample=bool(temperature), **sampling)  # fmt: skip

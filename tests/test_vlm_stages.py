@@ -1,0 +1,283 @@
+"""The DAG's stages on the tiny VLM (alignpipe.testing_vlm): generate (N samples per image prompt,
+resumable by chunks), as the text path's tests do it on the tiny Llama."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.generations import read_generations
+from alignpipe.artifacts.io import read_parquet, write_parquet
+from alignpipe.artifacts.schema import GENERATIONS, PROMPTS, with_images
+from alignpipe.generate import run_generate
+from alignpipe.generation.base import derive_seed
+from alignpipe.params import GenerateParams
+from alignpipe.testing_vlm import save_tiny_vlm, square_png
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+QUESTION = [{"role": "user", "content": "what colour is this square?"}]
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    return save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "vlm")
+
+
+@pytest.fixture(scope="module")
+def image_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    rows = [dict(prompt_id=f"p{name}", prompt=QUESTION, meta=None, images=[{"bytes": square_png(rgb), "path": None}])
+            for name, rgb in COLOURS.items()]  # fmt: skip
+    write_parquet(rows, path, with_images(PROMPTS))
+    return path
+
+
+def _params(**kw) -> GenerateParams:
+    return GenerateParams(**{**dict(backend="hf", n=2, max_new_tokens=4, temperature=1.0, chunk_prompts=2,
+                                    dtype="float32"), **kw})  # fmt: skip
+
+
+def test_generate_on_a_vlm_samples_n_per_image_prompt_and_resumes(vlm_dir, image_prompts, tmp_path):
+    """Each image prompt gets n samples, each the sample of its own seed (prompt seed + j) drawn with
+    the prompt's image; the artifact keeps the text schema (images stay in prompts, joined by
+    prompt_id); a run killed after its first chunk resumes to the same rows."""
+    from alignpipe.vision.generate import sample_with_images
+    from alignpipe.vision.models import load_image_text_model, load_processor
+
+    out = tmp_path / "full"
+    metrics = run_generate(vlm_dir, image_prompts, out, _params(), progress=False)
+    rows = read_generations(out)
+    assert metrics["complete"] and metrics["chunks"] == 2 and metrics["samples"] == 6
+    assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == [
+        (f"p{c}", j) for c in COLOURS for j in (0, 1)
+    ]
+    assert pq.read_schema(out / "chunk-00000.parquet").names == GENERATIONS.names  # no image bytes per sample
+    processor = load_processor(vlm_dir)
+    model = load_image_text_model(vlm_dir, "float32", torch.device("cpu")).eval()
+    prompts = {r["prompt_id"]: r for r in read_parquet(image_prompts, with_images(PROMPTS))}
+    for pid, prompt in prompts.items():
+        seed = derive_seed(0, pid)
+        direct = sample_with_images(model, processor, prompt["prompt"], prompt["images"], 2, 4, 1.0, seed)
+        got = [r for r in rows if r["prompt_id"] == pid]
+        assert [r["completion"] for r in got] == [s.completion for s in direct]
+        assert [r["seed"] for r in got] == [seed, seed + 1]
+        assert [r["logprob"] for r in got] == pytest.approx([s.logprob for s in direct], abs=1e-5)
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_after_first(chunk):
+        raise Killed
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        run_generate(vlm_dir, image_prompts, resumed, _params(), progress=False, after_chunk=kill_after_first)
+    assert not (resumed / "manifest.json").exists()
+    again = run_generate(vlm_dir, image_prompts, resumed, _params(), progress=False)
+    assert again["chunks_generated"] == 1 and again["chunks_reused"] == 1
+    assert read_generations(resumed) == rows
+
+
+def test_generate_on_a_vlm_refuses_vllm(vlm_dir, image_prompts, tmp_path):
+    from alignpipe.generation.base import GenerationError
+
+    with pytest.raises(GenerationError, match="backend: hf only"):
+        run_generate(vlm_dir, image_prompts, tmp_path / "g", _params(backend="vllm"), progress=False)
+
+
+def _generations(out, answers: dict[str, list[str]]):
+    """A finished generations folder with the given completions per prompt id (one chunk)."""
+    from alignpipe.artifacts.generations import plan_chunks, write_chunk, write_manifest
+
+    rows = [dict(prompt_id=pid, sample_idx=j, completion=text, n_tokens=1, finish_reason="stop", logprob=-1.0,
+                 backend="hf", seed=j) for pid, texts in answers.items() for j, text in enumerate(texts)]  # fmt: skip
+    out.mkdir(parents=True)
+    chunks = plan_chunks(len(answers), len(answers))
+    write_chunk(out / chunks[0].path_name, rows, "fp")
+    n = len(next(iter(answers.values())))
+    write_manifest(out, chunks, "fp", backend="hf", prompts=len(answers), n=n)
+    return out
+
+
+def test_score_passes_each_completion_its_prompts_images_to_a_python_reward(image_prompts, tmp_path):
+    """reward.kind python on image prompts: the function gets images= (the colour reward is exact), so
+    the same answer scores 1 on its own square and 0 on another's."""
+    import json
+
+    from alignpipe.params import RewardParams
+    from alignpipe.score import score
+
+    answers = {"pred": ["red", "blue"], "pgreen": [" Green", "red"], "pblue": ["blue", "a square"]}
+    gens = _generations(tmp_path / "generations", answers)
+    params = RewardParams(kind="python", function="alignpipe.testing_vlm:colour_reward")
+    metrics = score(gens, image_prompts, tmp_path / "scored.parquet", tmp_path / "score.json", params)
+    rows = read_parquet(tmp_path / "scored.parquet")
+    assert [(r["prompt_id"], r["completion"], r["reward"]) for r in rows] == [
+        ("pred", "red", 1.0), ("pred", "blue", 0.0), ("pgreen", " Green", 1.0), ("pgreen", "red", 0.0),
+        ("pblue", "blue", 1.0), ("pblue", "a square", 0.0),
+    ]  # fmt: skip
+    assert metrics["reward_mean"] == 0.5 and json.loads((tmp_path / "score.json").read_text())["samples"] == 6
+
+
+def test_pairs_keep_each_pairs_images_and_ref_logps_reads_them(image_prompts, vlm_dir, tmp_path):
+    """pairs on image prompts: every train/eval pair carries its prompt's images (by prompt_id; a user
+    pair its own, by pair_id), and the files encode through the VLM pair reader (one image per pair)."""
+    import shutil
+
+    from pairs_helpers import run_pairs, table, user_pair, write_inputs
+
+    from alignpipe.params import PairsParams
+    from alignpipe.vision.logprobs import read_vision_pairs
+    from alignpipe.vision.models import load_processor
+
+    scored = [r for c in COLOURS for r in table([1.0, 0.0], pid=f"p{c}")]
+    user = {**user_pair("u1", "and this one?", "green", "red"), "images": [{"bytes": square_png(COLOURS["green"]), "path": None}]}  # fmt: skip
+    write_inputs(tmp_path, scored)
+    shutil.copy(image_prompts, tmp_path / "prepared/prompts.parquet")
+    write_parquet([user], tmp_path / "prepared/preferences.parquet", with_images(schema.PREFERENCES))
+    run_pairs(tmp_path, PairsParams(eval_fraction=0.34))
+    rows = [r for split in ("train", "eval") for r in read_parquet(tmp_path / f"pairs/{split}.parquet", with_images(schema.PAIRS))]  # fmt: skip
+    assert sorted(r["prompt_id"] for r in rows if r["source"] == "generated") == sorted(
+        f"p{c}" for c in COLOURS
+    )
+    for r in rows:
+        colour = "green" if r["source"] == "user" else r["prompt_id"][1:]
+        assert [i["bytes"] for i in r["images"]] == [square_png(COLOURS[colour])], r["pair_id"]
+    assert sum(r["source"] == "user" for r in rows) == 1
+    encoded = read_vision_pairs(tmp_path / "pairs/train.parquet", load_processor(vlm_dir), 64)
+    assert encoded and all(
+        p.n_images == 1 and p.pixel_inputs["pixel_values"].shape == (1, 3, 16, 16) for p in encoded
+    )
+
+
+def _vlm_pairs(tmp_path, image_prompts):
+    """The pairs stage's output on the three colour prompts (one pair each, 1 vs 0)."""
+    import shutil
+
+    from pairs_helpers import run_pairs, table, write_inputs
+
+    from alignpipe.params import PairsParams
+
+    write_inputs(tmp_path, [r for c in COLOURS for r in table([1.0, 0.0], pid=f"p{c}")])
+    shutil.copy(image_prompts, tmp_path / "prepared/prompts.parquet")
+    run_pairs(tmp_path, PairsParams(eval_fraction=0.34))
+    return tmp_path / "pairs"
+
+
+def _own_forward_logp(model, pair, side: str) -> float:
+    """Summed log-prob of one side's completion tokens from the VLM's own forward (prompt + answer)."""
+    enc = getattr(pair, side)
+    ids = torch.tensor([enc.prompt_ids + enc.completion_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pair.pixel_inputs["pixel_values"]).logits[0].float()
+    logps = logits[:-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(logps[len(enc.prompt_ids) - 1 :].sum())
+
+
+def test_ref_logps_on_a_vlm_equal_the_models_own_forward(image_prompts, vlm_dir, tmp_path):
+    """ref_logps dispatches on the VLM folder: every pair of train/eval/test is scored, each side equal
+    to the model's own full forward with the pair's image (float32)."""
+    from alignpipe.artifacts.ref_logps import PairScores
+    from alignpipe.params import RefLogpsParams
+    from alignpipe.ref_logps import run_ref_logps
+    from alignpipe.training.numerics import Numerics
+    from alignpipe.vision.models import load_image_text_model, load_processor
+    from alignpipe.vision.ref_logps import read_vision_splits
+
+    pairs_dir = _vlm_pairs(tmp_path, image_prompts)
+    out = tmp_path / "ref_logps.parquet"
+    summary = run_ref_logps(vlm_dir, pairs_dir, out, RefLogpsParams(dtype="float32", batch_size=2), 128, 64,
+                            policy=Numerics("float32"))  # fmt: skip
+    assert summary["pairs"] == 3 and summary["vision"]
+    scores = PairScores.read(out)
+    pairs = read_vision_splits(pairs_dir, load_processor(vlm_dir), 128, ("train", "eval", "test"))
+    model = load_image_text_model(vlm_dir, "float32", torch.device("cpu")).eval()
+    expected = {p.pair_id: (_own_forward_logp(model, p, "chosen"), _own_forward_logp(model, p, "rejected")) for p in pairs}  # fmt: skip
+    got = dict(
+        zip(scores.pair_ids, zip(scores.chosen.tolist(), scores.rejected.tolist(), strict=True), strict=True)
+    )
+    assert sorted(got) == sorted(expected)
+    for pid, (c, r) in expected.items():
+        assert got[pid] == pytest.approx((c, r), abs=1e-4)
+
+
+def _colour_pair(c: str, w: str) -> dict:
+    return {"pair_id": f"{c}-{w}", "prompt_id": f"p{c}", "prompt": QUESTION,
+            "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": w}],
+            "chosen_reward": 1.0, "rejected_reward": 0.0, "margin": 1.0, "source": "generated",
+            "images": [{"bytes": square_png(COLOURS[c]), "path": None}]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vlm_dpo_inputs(vlm_dir, tmp_path_factory):
+    """data/pairs (6 train colour pairs, 1 eval) with images and their ref_logps (the VLM path)."""
+    from alignpipe.params import RefLogpsParams
+    from alignpipe.ref_logps import run_ref_logps
+    from alignpipe.training.numerics import Numerics
+
+    root = tmp_path_factory.mktemp("vlm_dpo")
+    train = [_colour_pair(c, w) for c in COLOURS for w in COLOURS if w != c]
+    write_parquet(train, root / "pairs/train.parquet", with_images(schema.PAIRS))
+    write_parquet([_colour_pair("red", "green") | {"pair_id": "e1"}], root / "pairs/eval.parquet",
+                  with_images(schema.PAIRS))  # fmt: skip
+    run_ref_logps(vlm_dir, root / "pairs", root / "ref.parquet", RefLogpsParams(dtype="float32", batch_size=4),
+                  64, 32, policy=Numerics("float32"))  # fmt: skip
+    return root
+
+
+def _vlm_dpo(vlm_dir, inputs, run, **kw):
+    from alignpipe.dpo.stage import run_dpo
+    from alignpipe.params import DpoParams
+
+    settings = dict(max_length=64, max_prompt_length=32, batch_size=2, learning_rate=1e-2, lr_scheduler="constant",
+                    dtype="float32", logging_steps=1, eval_steps=100, save_steps=2, max_steps=5,
+                    gradient_checkpointing=False)  # fmt: skip
+    params = DpoParams(**{**settings, **kw})
+    return run_dpo(vlm_dir, inputs / "pairs", inputs / "ref.parquet", run / "dpo", run / "checkpoints",
+                   run / "reports", params)  # fmt: skip
+
+
+def _losses(run) -> list[float]:
+    import csv
+
+    with (run / "reports/plots/metrics/loss.tsv").open() as f:
+        return [float(r["loss"]) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def test_dpo_on_a_vlm_trains_the_language_model_and_resumes_after_a_kill(vlm_dir, vlm_dpo_inputs, tmp_path, monkeypatch):  # fmt: skip
+    """dpo dispatches on the VLM folder: step-1 loss ln 2 (policy == precomputed reference), the vision
+    tower unchanged and the language model moved, the output loads with the Auto classes; killed at
+    step 4 (checkpoint at 2) and rerun, it ends bit-identical to the uninterrupted run."""
+    import math
+
+    from faults import kill_at
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import alignpipe.dpo.stage as dpo_module
+
+    whole = _vlm_dpo(vlm_dir, vlm_dpo_inputs, tmp_path / "whole")
+    assert whole["steps"] == 5 and _losses(tmp_path / "whole")[0] == pytest.approx(math.log(2), abs=1e-5)
+    before, after = load_file(str(vlm_dir / "model.safetensors")), load_file(str(tmp_path / "whole/dpo/model.safetensors"))  # fmt: skip
+    assert before.keys() == after.keys()
+    tower = [k for k in before if "vision_tower" in k]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+    AutoProcessor.from_pretrained(tmp_path / "whole/dpo")
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "whole/dpo")
+    with monkeypatch.context() as m:
+        kill_at(m, dpo_module, 4)
+        with pytest.raises(KeyboardInterrupt):
+            _vlm_dpo(vlm_dir, vlm_dpo_inputs, tmp_path / "resumed")
+    resumed = _vlm_dpo(vlm_dir, vlm_dpo_inputs, tmp_path / "resumed")
+    assert resumed["resumed_from"] == 2
+    again = load_file(str(tmp_path / "resumed/dpo/model.safetensors"))
+    assert all(torch.equal(after[k], again[k]) for k in after)
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "whole")
+
+
+def test_dpo_on_a_vlm_refuses_what_it_does_not_run_yet(vlm_dir, vlm_dpo_inputs, tmp_path):
+    with pytest.raises(ValueError, match="dpo.peft.enabled, dpo.reference: live not supported yet"):
+        _vlm_dpo(vlm_dir, vlm_dpo_inputs, tmp_path / "r", peft={"enabled": True}, reference="live")
