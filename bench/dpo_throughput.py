@@ -324,8 +324,9 @@ def run_ours(settings: dict[str, Any], workdir: Path, row: Row, run_dir: Path) -
 
     s, device, off = settings, torch.device(settings["device"]), row.ablated
     dtype = row.dtype or s["dtype"]
-    params = DpoParams(
-        beta=s["beta"], learning_rate=s["learning_rate"], lr_scheduler="linear", warmup_ratio=0.0,
+    params = DpoParams(  # TRL's DPOTrainer default loss, whatever params.yaml's default mix
+        loss_type="sigmoid", beta=s["beta"], learning_rate=s["learning_rate"], lr_scheduler="linear",
+        warmup_ratio=0.0,
         batch_size=s["batch_size"], max_length=s["max_length"], max_prompt_length=s["max_length"] - 1,
         max_steps=s["steps"], padding_free="padding_free" not in off, compile=s["compile"],
         dtype=dtype, seed=s["seed"], logging_steps=1, eval_steps=10**9, save_steps=10**9,

@@ -53,8 +53,8 @@ def env(tmp_path_factory, tiny_model_dir) -> Env:
 
 def train(env, tmp_path: Path, name: str, ref: Path | None = None, **overrides) -> tuple[dict, Path]:
     settings = dict(
-        LENGTHS, batch_size=2, learning_rate=1e-3, lr_scheduler="constant", dtype="float32",
-        logging_steps=1, eval_steps=100, save_steps=100, max_steps=2,
+        LENGTHS, loss_type="sigmoid", batch_size=2, learning_rate=1e-3, lr_scheduler="constant",
+        dtype="float32", logging_steps=1, eval_steps=100, save_steps=100, max_steps=2,
     )  # fmt: skip
     params = DpoParams(**{**settings, **overrides})
     run = tmp_path / name
@@ -209,7 +209,9 @@ def test_pair_losses_weighted_mix_and_ln2_identity():
     policy = PairLogps(
         torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -5.0]), 2 * ones.long(), 2 * ones.long()
     )
-    sigmoid = pair_losses(policy, policy.chosen_logps, policy.rejected_logps, DpoParams(beta=0.5))
+    sigmoid = pair_losses(
+        policy, policy.chosen_logps, policy.rejected_logps, DpoParams(beta=0.5, loss_type="sigmoid")
+    )
     torch.testing.assert_close(sigmoid, torch.full((2,), math.log(2)))
     mix = DpoParams(beta=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
     got = pair_losses(policy, zeros - 5, zeros - 5, mix)
@@ -222,7 +224,7 @@ def test_pair_losses_pass_rpo_and_wpo_weights():
     """sigmoid * w + rpo_alpha * (-c / Lc), w = min(1, exp(aligned_c / Lc + aligned_r / Lr))."""
     c, r, n = torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([2])
     policy = PairLogps(c, r, n, n, torch.tensor([-1.0]), torch.tensor([-0.5]))
-    got = pair_losses(policy, c - 1, r + 1, DpoParams(beta=0.5, rpo_alpha=0.3, wpo=True))
+    got = pair_losses(policy, c - 1, r + 1, DpoParams(beta=0.5, loss_type="sigmoid", rpo_alpha=0.3, wpo=True))
     w = math.exp(-1.0 / 2 - 0.5 / 2)
     want = -math.log(1 / (1 + math.exp(-0.5 * 2))) * w + 0.3 * 4.0 / 2
     assert got.item() == pytest.approx(want, rel=1e-6)

@@ -259,12 +259,14 @@ def test_render_params_keeps_every_other_byte_of_the_real_params_yaml():
     text = (ROOT / "params.yaml").read_text()
     assert render_params(text, []) == text
     changes = [Change("dpo.beta", 0.1, 0.25), Change("dpo.learning_rate", 3e-5, 1e-5),
-               Change("dpo.loss_type", "sigmoid", ["sigmoid", "sft"]), Change("dpo.rpo_alpha", None, 1.0)]  # fmt: skip
+               Change("dpo.loss_type", ["sigmoid", "sft"], "sigmoid"), Change("dpo.rpo_alpha", None, 1.0)]  # fmt: skip
     new = render_params(text, changes)
     diff = [(a, b) for a, b in zip(text.splitlines(), new.splitlines(), strict=True) if a != b]
+    note = (
+        "# a loss name, or a list for a weighted mix (MPO); default: DPO + NLL of chosen (README: the tuning)"
+    )
     assert diff == [
-        ("  loss_type: sigmoid        # a loss name, or a list for a weighted mix (MPO)",
-         "  loss_type: [sigmoid, sft] # a loss name, or a list for a weighted mix (MPO)"),
+        (f"  loss_type: [sigmoid, sft] {note}", f"  loss_type: sigmoid        {note}"),
         ("  beta: 0.1                 # KL strength", "  beta: 0.25                # KL strength"),
         ("  rpo_alpha: null           # weight of an NLL term on chosen (RPO; null = off)",
          "  rpo_alpha: 1.0            # weight of an NLL term on chosen (RPO; null = off)"),

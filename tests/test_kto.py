@@ -300,13 +300,14 @@ def test_evaluate_runs_on_a_kto_policy(env, tmp_path):
 
 
 def test_a_kto_weight_or_beta_change_leaves_ref_logps_alone():
-    """dvc.yaml: ref_logps reads no KTO knob, so changing one reruns only dpo (and evaluate after it);
+    """dvc.yaml: ref_logps reads no KTO knob, so changing one reruns only dpo (and evaluate after it, and
+    the extra rounds' dpo_round when rounds.extra has any);
     ref_logps writes the unpaired reference log-probs that dpo reads."""
     import yaml
 
     stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
     for key in ("dpo.desirable_weight", "dpo.undesirable_weight", "dpo.beta", "dpo.loss_type"):
         touched = {n for n, s in stages.items() for p in s.get("params", []) if p in (key, "dpo")}
-        assert touched <= {"dpo", "evaluate"} and "dpo" in touched, (key, touched)
+        assert touched <= {"dpo", "dpo_round", "evaluate"} and "dpo" in touched, (key, touched)
     assert "data/ref_logps_unpaired.parquet" in stages["ref_logps"]["outs"]
     assert "data/ref_logps_unpaired.parquet" in stages["dpo"]["deps"]

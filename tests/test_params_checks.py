@@ -58,7 +58,7 @@ PREFS = {"data": {"preferences": {"source": "prefs.jsonl"}}}
         ),
         (
             {"dpo": {"loss_options": {"simpo_gamma": 1.0}}},
-            "dpo.loss_options: option 'simpo_gamma' is not read by loss_type ['sigmoid']",
+            "dpo.loss_options: option 'simpo_gamma' is not read by loss_type ['sigmoid', 'sft']",
         ),
         (
             {"dpo": {"loss_options": {"label_smoothing": 0.1}}},

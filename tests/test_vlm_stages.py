@@ -231,7 +231,7 @@ def _vlm_dpo(vlm_dir, inputs, run, **kw):
     from alignpipe.dpo.stage import run_dpo
     from alignpipe.params import DpoParams
 
-    settings = dict(max_length=64, max_prompt_length=32, batch_size=2, learning_rate=1e-2, lr_scheduler="constant",
+    settings = dict(loss_type="sigmoid", max_length=64, max_prompt_length=32, batch_size=2, learning_rate=1e-2, lr_scheduler="constant",
                     dtype="float32", logging_steps=1, eval_steps=100, save_steps=2, max_steps=5,
                     gradient_checkpointing=False)  # fmt: skip
     params = DpoParams(**{**settings, **kw})

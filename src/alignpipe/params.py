@@ -657,7 +657,7 @@ class DpoParams(TrainParams):
         "(load_in_4bit: the reference log-probs then come from the same 4-bit base).",
     )
     loss_type: LossName | UnpairedLossName | list[LossName | UnpairedLossName] = Field(
-        "sigmoid",
+        default_factory=lambda: ["sigmoid", "sft"],
         description="The preference loss: 'sigmoid' is DPO; others: hinge, ipo, robust, exo_pair, "
         "nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, "
         "simpo, orpo, sft. A list mixes several, weighted by loss_weights (MPO). 'kto' and "
