@@ -77,18 +77,15 @@ def rendered(workspace) -> dict:
 
 def test_default_params_render_todays_stages_as_the_committed_lock_has_them():
     """One round (rounds.extra: []): no round stage exists, and every stage's cmd, deps and outs are the
-    ones dvc.lock recorded, so the committed baseline stays valid (evaluate gains param rounds and the plot
-    reports/eval/rounds.csv only)."""
+    ones dvc.lock recorded, so the committed baseline stays valid."""
     stages = rendered(ROOT)
     assert sorted(stages) == sorted(DEFAULT_STAGES)
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
     for name, (cmd, deps, outs, params) in stages.items():
         assert " ".join(cmd.split()) == " ".join(lock[name]["cmd"].split()), name
         assert deps == sorted(d["path"] for d in lock[name].get("deps", [])), name
-        new = {"reports/eval/rounds.csv"} if name == "evaluate" else set()
-        assert set(outs) - new == {o["path"] for o in lock[name].get("outs", [])}, name
-        new = {"rounds"} if name == "evaluate" else set()
-        assert set(params) - new == set(lock[name].get("params", {}).get("params.yaml", {})), name
+        assert set(outs) == {o["path"] for o in lock[name].get("outs", [])}, name
+        assert set(params) == set(lock[name].get("params", {}).get("params.yaml", {})), name
 
 
 def test_two_rounds_add_one_stage_per_step_and_evaluate_reads_the_last_policy(tmp_path):
