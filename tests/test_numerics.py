@@ -16,7 +16,7 @@ from alignpipe.artifacts.io import read_parquet
 LN2 = math.log(2)
 DPO = dict(
     max_length=64, max_prompt_length=32, batch_size=8, learning_rate=1e-3, logging_steps=1, eval_steps=100,
-    save_steps=100, max_steps=1, gradient_checkpointing=False, beta=1.0,
+    save_steps=100, max_steps=1, gradient_checkpointing=False, beta=1.0, loss_type="sigmoid",
 )  # fmt: skip  # beta 1: a log-prob gap of d between policy and reference moves the loss by about d / 2
 SETTINGS = {
     "fp32": {"dtype": "float32"},

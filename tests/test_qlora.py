@@ -19,6 +19,7 @@ PEFT = {"enabled": True, "load_in_4bit": True, "r": 4, "alpha": 8, "dropout": 0.
 DPO = dict(
     max_length=64, max_prompt_length=32, batch_size=8, learning_rate=5e-3, lr_scheduler="constant",
     logging_steps=1, eval_steps=100, save_steps=100, max_steps=2, gradient_checkpointing=False, peft=PEFT,
+    loss_type="sigmoid",  # ln 2 at step 1 is the sigmoid loss (the default adds the chosen NLL)
 )  # fmt: skip
 
 
