@@ -123,11 +123,16 @@ def test_broken_yaml_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_stage_help_lists_every_key_of_its_sections_with_its_description():
-    """`stages/<name>.py --help` shows the params keys (default and description) the stage reads."""
+def _stage_help(stage: str) -> str:
     import subprocess
     import sys
 
+    argv = [sys.executable, str(ROOT / "stages" / f"{stage}.py"), "--help"]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def test_stage_help_lists_every_key_of_its_sections_with_its_description():
+    """`stages/<name>.py --help` shows the params keys (default and description) the stage reads."""
     from alignpipe.params import Params, section_help
 
     for name, info in Params.model_fields.items():
@@ -135,12 +140,7 @@ def test_stage_help_lists_every_key_of_its_sections_with_its_description():
         for field, sub in info.annotation.model_fields.items():
             if sub.description:  # a nested model lists its own keys (checked below for dpo.peft)
                 assert f"{name}.{field} " in text or f"{name}.{field}." in text, (name, field)
-    help_text = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "dpo.py"), "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    help_text = _stage_help("dpo")
     beta = Params.model_fields["dpo"].annotation.model_fields["beta"].description
     assert f"dpo.beta (0.1): {beta}" in help_text
     assert "dpo.peft.r (16): " in help_text and "--ref-logps" in help_text
@@ -162,3 +162,17 @@ def test_params_read_as_dvc_writes_them(tmp_path):
     params = load_params(path)
     assert params.dpo.early_stopping.metric == "off"
     assert params.dpo.learning_rate == 3e-05
+
+
+def test_stage_help_shows_the_value_of_a_default_factory():
+    """A key whose default comes from a ``default_factory`` (dpo.loss_type, rounds.extra) showed
+    ``PydanticUndefined`` in ``--help``: every section's text shows the value the stage would read."""
+    from alignpipe.params import Params, section_help
+
+    text = section_help(*Params.model_fields)
+    assert "PydanticUndefined" not in text
+    assert "  dpo.loss_type (['sigmoid', 'sft']): The preference loss" in text
+    assert "  rounds.extra ([]): Rounds after the first" in text
+    assert "  generate.stop ([]): " in text and "  dpo.loss_options ({}): " in text
+    help_text = _stage_help("dpo")
+    assert "dpo.loss_type (['sigmoid', 'sft']): " in help_text and "PydanticUndefined" not in help_text

@@ -1202,10 +1202,13 @@ def section_help(*sections: str) -> str:
         for name, info in model.model_fields.items():
             nested = [c for c in (info.annotation, *typing.get_args(info.annotation)) if isinstance(c, type)]
             sub = next((c for c in nested if issubclass(c, BaseModel)), None)
-            if sub is not None and isinstance(info.default, BaseModel):
+            # a default_factory's value (dpo.loss_type, rounds.extra), not info.default's PydanticUndefined
+            default = None if info.is_required() else info.get_default(call_default_factory=True)
+            if sub is not None and isinstance(default, BaseModel):
                 walk(sub, f"{prefix}{name}.")
                 continue
-            lines.append(f"  {prefix}{name} ({info.default!r}): {info.description or ''}")
+            shown = "required" if info.is_required() else repr(default)
+            lines.append(f"  {prefix}{name} ({shown}): {info.description or ''}")
 
     for section in sections:
         walk(typing.cast(type[BaseModel], Params.model_fields[section].annotation), f"{section}.")
