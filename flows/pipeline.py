@@ -37,11 +37,11 @@ from alignpipe.orchestration.flow_support import (
     StageResult,
     current_sections,
     form_baseline,
-    run_report,
     run_streaming,
     shard_devices,
     update_params,
 )
+from alignpipe.orchestration.report import round_rows, run_report
 from alignpipe.params import (
     BaseModelParams,
     DataParams,
@@ -142,8 +142,12 @@ def _publish(workspace: Path, results: list[StageResult], changes: list[Change])
     create_table_artifact(
         rows, key="alignpipe-stages", description="Which stages ran and which were up to date"
     )
+    rounds = round_rows(workspace)
+    if len(rounds) > 2:  # rounds.extra ran: one row per round (0: SFT), as the `rounds` plot draws them
+        create_table_artifact(rounds, key="alignpipe-rounds",
+                              description="Per round: its policy's pass rate, win rate vs SFT, KL")  # fmt: skip
     create_markdown_artifact(run_report(workspace, results, changes), key="alignpipe-report",
-                             description="Params changed, evaluation metrics, plots")  # fmt: skip
+                             description="Params changed, evaluation metrics, rounds, plots")  # fmt: skip
 
 
 @flow(name=FLOW_NAME)
@@ -187,7 +191,8 @@ def pipeline(
     defaults, and only keys changed from those are written.
 
     Args:
-        stages: Run only these stages and what they need upstream (empty: all).
+        stages: Run only these stages and what they need upstream (empty: all); the name of a round
+            stage (dpo_round) means all its rounds (dpo_round@extra0, ...), as for `dvc repro`.
         force: Rerun the selected stages even if DVC finds them up to date.
         base_model: params.yaml section `base_model` (empty: keep params.yaml).
         data: params.yaml section `data` (empty: keep params.yaml).
@@ -200,7 +205,8 @@ def pipeline(
         dpo: params.yaml section `dpo` (empty: keep params.yaml).
         evaluate: params.yaml section `evaluate` (empty: keep params.yaml).
         rounds: params.yaml section `rounds` (empty: keep params.yaml).
-        retries: Retries per stage, e.g. {"generate": 2}; stages not named get none.
+        retries: Retries per stage, e.g. {"generate": 2} ({"generate_round": 2}: every round's);
+            stages not named get none.
         save_experiment: After a successful run, save the workspace as this DVC experiment.
         push: After a successful run, `dvc push` the outputs to the DVC remote (pods, CI).
         generate_shards_parallel: When generate is stale, run its
@@ -217,7 +223,7 @@ def pipeline(
         logger.info("params.yaml: %s: %r -> %r", change.key, change.old, change.new)
     graph = read_dag(root)
     plan = graph.plan(stages)
-    per_stage = {graph.check(name): n for name, n in (retries or {}).items()}
+    per_stage = {m: n for name, n in (retries or {}).items() for m in graph.members(name)}
     logger.info("plan (DVC order): %s", " -> ".join(plan))
     results: list[StageResult] = []
     try:

@@ -36,14 +36,13 @@ from alignpipe.orchestration.flow_support import (
     Change,
     StageResult,
     form_baseline,
-    metrics_table,
     plan_changes,
     render_params,
-    run_report,
     run_streaming,
     shard_devices,
     update_params,
 )
+from alignpipe.orchestration.report import metrics_table, run_report
 from alignpipe.params import DpoParams, Params, ParamsError, PeftParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +163,24 @@ def test_dag_names_unknown_stage_and_cycles():
         dag.plan(["dop"])
     with pytest.raises(DagError, match="cycle"):
         Dag(("a", "b"), (("a", "b"), ("b", "a"))).order()
+
+
+def test_a_matrix_stages_name_means_all_its_rounds_in_dag_order():
+    """``dvc dag --dot`` names the rounds' stages ``<name>@extra<i>``; the flow reads ``dpo_round`` (in
+    ``stages`` and ``retries``) as ``dvc repro`` does: every member, each after what it needs."""
+    dot = (
+        'strict digraph {\n"evaluate";\n"dpo_round@extra1";\n"dpo_round@extra0";\n"dpo";\n"sft";\n'
+        '"sft" -> "dpo";\n"dpo" -> "dpo_round@extra0";\n"dpo_round@extra0" -> "dpo_round@extra1";\n'
+        '"dpo_round@extra1" -> "evaluate";\n"dpo" -> "evaluate";\n}\n'
+    )
+    dag = parse_dot(dot)
+    assert dag.order() == ["sft", "dpo", "dpo_round@extra0", "dpo_round@extra1", "evaluate"]
+    assert dag.members("dpo_round") == ["dpo_round@extra0", "dpo_round@extra1"]
+    assert dag.members("dpo_round@extra1") == ["dpo_round@extra1"]
+    assert dag.plan(["dpo_round"]) == ["sft", "dpo", "dpo_round@extra0", "dpo_round@extra1"]
+    assert dag.plan(["dpo_round@extra0"]) == ["sft", "dpo", "dpo_round@extra0"]
+    with pytest.raises(DagError, match="unknown stage 'dpo_rond' \\(did you mean 'dpo_round'\\?\\)"):
+        dag.plan(["dpo_rond"])
 
 
 def test_stage_status_reads_dvc_repro_lines():
@@ -312,6 +329,111 @@ def test_run_report_names_changes_metrics_and_plots(tmp_path):
     assert "- `reports/margins.csv`" in report
 
 
+ROUNDS_DVC_YAML = """\
+stages:
+  evaluate:
+    cmd: python r.py evaluate ${rounds.final}
+    deps:
+      - r.py
+      - ${rounds.final}
+    metrics: [{reports/eval.json: {cache: false}}]
+    plots: [{reports/eval/rounds.csv: {cache: false, x: round, y: win_rate}}]
+  dpo_round:
+    matrix:
+      extra: ${rounds.extra}
+    cmd: python r.py ${item.extra.name} ${item.extra.previous}
+    deps:
+      - r.py
+      - ${item.extra.previous}
+    outs:
+      - models/${item.extra.name}/dpo
+    plots:
+      - reports/${item.extra.name}/dpo/curve.csv:
+          cache: false
+  dpo:
+    cmd: python r.py dpo -
+    deps: [r.py]
+    outs: [models/dpo]
+    plots: [{reports/dpo/curve.csv: {cache: false}}]
+plots:
+  - rounds:
+      x: round
+      y:
+        reports/eval/rounds.csv: [win_rate, kl]
+"""
+
+ROUNDS_PARAMS_YAML = """\
+rounds:
+  final: models/round-3/dpo
+  extra:
+    - {name: round-2, previous: models/dpo}
+    - {name: round-3, previous: models/round-2/dpo}
+"""
+
+# A round's policy is the text "<previous> + <round>"; evaluate writes one row per round (0: SFT)
+# with win rates 0.5, 0.6, 0.7, 0.8 and KL 0, 1, 2, 3, and each policy's "score" in eval.json.
+ROUNDS_STEP = """\
+import json, pathlib, sys
+name, previous = sys.argv[1:3]
+def write(path, text):
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(text)
+if name == "evaluate":
+    rows = ["round,model,win_rate,kl"] + [f"{k},{m},{0.5 + k / 10},{float(k)}" for k, m in
+                                          enumerate(["sft", "dpo_round_1", "dpo_round_2", "dpo"])]
+    write("reports/eval/rounds.csv", "\\n".join(rows) + "\\n")
+    scores = {"dpo": {"score": 0.8}, "dpo_round_2": {"score": 0.7}, "sft": {"score": 0.5},
+              "dpo_round_1": {"score": 0.6}, "prompts": 4}
+    write("reports/eval.json", json.dumps(scores))
+else:
+    before = "" if previous == "-" else pathlib.Path(previous).read_text()
+    write(f"models/{name}/dpo" if name != "dpo" else "models/dpo", before + name + "\\n")
+    write(f"reports/{name}/dpo/curve.csv" if name != "dpo" else "reports/dpo/curve.csv", "step,loss\\n0,1\\n")
+"""
+
+
+def _rounds_repo(repo: Path) -> Path:
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "r.py").write_text(ROUNDS_STEP)
+    (repo / "dvc.yaml").write_text(ROUNDS_DVC_YAML)
+    (repo / "params.yaml").write_text(ROUNDS_PARAMS_YAML)
+    return repo
+
+
+def test_run_report_lists_every_rounds_metrics_and_plots(tmp_path):
+    """With rounds.extra, the report has eval.json's earlier rounds as columns in round order, the
+    rounds table of reports/eval/rounds.csv, the rounds' stage plots (DVC's matrix resolved) and the
+    top-level plot ``rounds``; a plot whose files do not exist is not listed."""
+    repo = _rounds_repo(tmp_path / "repo")
+    subprocess.run([PY, "r.py", "dpo", "-"], cwd=repo, check=True)
+    subprocess.run([PY, "r.py", "round-2", "models/dpo"], cwd=repo, check=True)
+    subprocess.run([PY, "r.py", "evaluate", "models/round-3/dpo"], cwd=repo, check=True)
+    report = run_report(repo, [StageResult("dpo_round@extra0", RAN)])
+    assert "Stages run: dpo_round@extra0." in report
+    assert "| metric | sft | dpo_round_1 | dpo_round_2 | dpo |" in report
+    assert "| score | 0.5 | 0.6 | 0.7 | 0.8 |" in report and "| prompts | 4 |" in report
+    lines = report.splitlines()
+    rounds = lines[lines.index("## Rounds") + 4 : lines.index("## Rounds") + 10]
+    assert rounds == [
+        "| round | model | win_rate | kl |", "|---|---|---|---|", "| 0 | sft | 0.5 | 0 |",
+        "| 1 | dpo_round_1 | 0.6 | 1 |", "| 2 | dpo_round_2 | 0.7 | 2 |", "| 3 | dpo | 0.8 | 3 |",
+    ]  # fmt: skip
+    plots = lines[lines.index("## Plots") + 2 : lines.index("## Plots") + 6]
+    assert plots == [
+        "- `reports/eval/rounds.csv`", "- `reports/round-2/dpo/curve.csv`", "- `reports/dpo/curve.csv`",
+        "- `rounds` (top-level plot: `reports/eval/rounds.csv`)",
+    ]  # fmt: skip
+    assert "round-3/dpo/curve.csv" not in report  # round 3 has not run
+
+
+def test_run_report_has_no_rounds_section_with_one_round(tmp_path):
+    (tmp_path / "reports" / "eval").mkdir(parents=True)
+    (tmp_path / "reports" / "eval" / "rounds.csv").write_text("round,model,win_rate\n0,sft,0.5\n1,dpo,0.6\n")
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    report = run_report(tmp_path, [])
+    assert "## Rounds" not in report and "- none yet" in report
+
+
 def test_flow_parameters_are_the_params_sections():
     pipeline = _load_flow_module().pipeline
     props = pipeline.parameters.model_dump()["properties"]
@@ -419,6 +541,39 @@ def test_generate_shards_run_as_parallel_tasks_before_the_stage_merges_them(pref
     again = pipeline(workspace=str(tiny_repo), stages=["generate"], generate_shards_parallel=True)
     assert _statuses(again) == {"generate": UP_TO_DATE}
     assert (tiny_repo / "shards" / "0.txt").stat().st_mtime_ns == before  # up to date: no shard ran
+
+
+@pytest.mark.slow
+def test_flow_runs_the_rounds_in_dag_order_and_reports_them(prefect_api, tmp_path):
+    """rounds.extra's stages (``dpo_round@extra<i>``, by DVC's matrix) run in DAG order, ``dpo_round``
+    names them all, and the run's artifacts have the rounds table and the rounds' plots."""
+    repo = _rounds_repo(tmp_path / "rounds")
+    _git(repo, "init", "-q")
+    _dvc(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "rounds")
+    pipeline = _load_flow_module().pipeline
+    first = pipeline(workspace=str(repo), stages=["dpo_round"], retries={"dpo_round": 1})
+    assert [r["stage"] for r in first] == ["dpo", "dpo_round@extra0", "dpo_round@extra1"]
+    assert set(_statuses(first).values()) == {RAN}
+    assert (repo / "models" / "round-3" / "dpo").read_text() == "dpo\nround-2\nround-3\n"
+    full = pipeline(workspace=str(repo))
+    assert [(r["stage"], r["status"]) for r in full] == [
+        ("dpo", UP_TO_DATE), ("dpo_round@extra0", UP_TO_DATE), ("dpo_round@extra1", UP_TO_DATE),
+        ("evaluate", RAN),
+    ]  # fmt: skip
+
+    from prefect.artifacts import Artifact
+
+    rounds = json.loads(Artifact.get("alignpipe-rounds").data)
+    assert [(r["round"], r["model"], r["win_rate"], r["kl"]) for r in rounds] == [
+        (0, "sft", 0.5, 0.0), (1, "dpo_round_1", 0.6, 1.0), (2, "dpo_round_2", 0.7, 2.0), (3, "dpo", 0.8, 3.0),
+    ]  # fmt: skip
+    report = Artifact.get("alignpipe-report").data
+    assert "Stages run: evaluate." in report and "| 3 | dpo | 0.8 | 3 |" in report
+    for line in ("- `reports/round-2/dpo/curve.csv`", "- `reports/round-3/dpo/curve.csv`",
+                 "- `rounds` (top-level plot: `reports/eval/rounds.csv`)"):  # fmt: skip
+        assert line in report, line
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ class Dag:
     def upstream(self, targets: Iterable[str]) -> set[str]:
         """The targets and every stage they (transitively) depend on."""
         seen: set[str] = set()
-        todo = [self.check(t) for t in targets]
+        todo = [m for t in targets for m in self.members(t)]
         while todo:
             node = todo.pop()
             if node not in seen:
@@ -86,9 +86,18 @@ class Dag:
         keep = set(self.nodes) if not targets else self.upstream(targets)
         return [n for n in self.order() if n in keep]
 
+    def members(self, stage: str) -> list[str]:
+        """``stage``, or every member of the ``foreach``/``matrix`` stage ``stage`` in DAG order, as
+        ``dvc repro`` reads a group's name (dpo_round: dpo_round@extra0, dpo_round@extra1, ...)."""
+        if stage in self._parents:
+            return [stage]
+        group = [n for n in self.order() if "@" in n and n.partition("@")[0] == stage]
+        return group or [self.check(stage)]
+
     def check(self, stage: str) -> str:
         if stage not in self._parents:
-            close = difflib.get_close_matches(stage, self.nodes, n=1)
+            names = list(dict.fromkeys(n.partition("@")[0] for n in self.nodes))
+            close = difflib.get_close_matches(stage, [*self.nodes, *names], n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"stages: {', '.join(self.nodes)}"
             raise DagError(f"unknown stage '{stage}' ({hint})")
         return stage

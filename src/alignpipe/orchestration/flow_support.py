@@ -1,4 +1,4 @@
-"""What the Prefect flow needs besides Prefect: params updates, streamed processes, reports.
+"""What the Prefect flow needs besides Prefect: params updates, streamed processes (its report: report.py).
 
 Kept out of ``flows/pipeline.py`` so it is tested without a Prefect server.
 """
@@ -6,7 +6,6 @@ Kept out of ``flows/pipeline.py`` so it is tested without a Prefect server.
 from __future__ import annotations
 
 import io
-import json
 import os
 import queue
 import re
@@ -18,14 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from alignpipe.artifacts.io import atomic_path
 from alignpipe.params import Params, parse_yaml, read_yaml, validate
 
-MODELS = ("base", "sft", "dpo")  # columns of the eval table, when reports/eval.json has them
 _DVC_STATUS = re.compile(r"^(Running stage '|Stage '|'.*' didn't change|Data and pipelines are up to date)")
 
 
@@ -278,74 +275,3 @@ def shard_devices(shard: int, environ: Mapping[str, str]) -> dict[str, str]:
     """
     devices = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return {"CUDA_VISIBLE_DEVICES": devices[shard % len(devices)]} if devices else {}
-
-
-# ---------------------------------------------------------------- reports
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value).replace("|", "\\|")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def metrics_table(metrics: Mapping[str, Any]) -> str:
-    """Markdown for reports/eval.json: a metric x model table for the models, then the rest."""
-    models = [m for m in MODELS if isinstance(metrics.get(m), Mapping)]
-    lines: list[str] = []
-    if models:
-        per_model = {m: _flatten(metrics[m]) for m in models}
-        names = list(dict.fromkeys(k for m in models for k in per_model[m]))
-        lines += ["| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-        lines += [f"| {n} | " + " | ".join(_cell(per_model[m].get(n)) for m in models) + " |" for n in names]
-    rest = _flatten({k: v for k, v in metrics.items() if k not in models})
-    if rest:
-        lines += ["", "| metric | value |", "|---|---|"] if lines else ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_cell(v)} |" for k, v in rest.items()]
-    return "\n".join(lines)
-
-
-def plot_paths(workspace: str | os.PathLike) -> list[str]:
-    """Plot files and folders declared in dvc.yaml (top-level and per stage) that exist."""
-    root = Path(workspace)
-    spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    declared = list(spec.get("plots") or [])
-    for stage in (spec.get("stages") or {}).values():
-        declared += list(stage.get("plots") or []) if isinstance(stage, Mapping) else []
-    paths = [next(iter(p)) if isinstance(p, Mapping) else str(p) for p in declared]
-    return [p for p in dict.fromkeys(paths) if (root / p).exists()]
-
-
-def run_report(
-    workspace: str | os.PathLike, results: Sequence[StageResult], changes: Sequence[Change] = ()
-) -> str:
-    """The flow run's markdown artifact: params changed, eval metrics, where the plots are."""
-    root = Path(workspace)
-    ran = [r.stage for r in results if r.status == "ran"]
-    out = ["# alignpipe run", "", f"Stages run: {', '.join(ran) or 'none (all up to date)'}.", ""]
-    if changes:
-        out += ["## Params changed in params.yaml", "", "| key | old | new |", "|---|---|---|"]
-        out += [f"| {c.key} | {_cell(json.dumps(c.old))} | {_cell(json.dumps(c.new))} |" for c in changes]
-        out += [""]
-    eval_json = root / "reports" / "eval.json"
-    out += ["## Evaluation", ""]
-    if eval_json.exists():
-        out += ["From `reports/eval.json`:", "", metrics_table(json.loads(eval_json.read_text())), ""]
-        if (root / "reports" / "eval.md").exists():
-            out += ["Side-by-side examples: `reports/eval.md`.", ""]
-    else:
-        out += ["No `reports/eval.json` yet (the evaluate stage has not run).", ""]
-    plots = plot_paths(root) if (root / "dvc.yaml").exists() else []
-    out += ["## Plots", ""]
-    out += [f"- `{p}`" for p in plots] or ["- none yet"]
-    out += ["", f"Render them with `dvc plots show` (writes `dvc_plots/index.html`) in `{root}`."]
-    return "\n".join(out)
