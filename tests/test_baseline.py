@@ -74,3 +74,43 @@ def test_dvc_metrics_show_reads_the_baseline():
     shown = json.loads(proc.stdout)
     eval_json = next(d for w in shown.values() for p, d in w["data"].items() if p.endswith("eval.json"))
     assert 0 <= eval_json["data"]["win_rate"] <= 1 and "kl" in eval_json["data"]
+
+
+def _rendered_outs(tmp_path: Path, extra_rounds: int) -> dict[str, bool]:
+    """Every out of the DAG as DVC renders it (``matrix`` over ``rounds.extra`` resolved) -> whether
+    DVC caches it (False: ``cache: false``, it goes to git)."""
+    from dvc.repo import Repo
+
+    params = _load("params.yaml")
+    params["rounds"]["extra"] = [
+        {"name": f"round-{k}", "previous": "models/dpo" if k == 2 else f"models/round-{k - 1}/dpo"}
+        for k in range(2, extra_rounds + 2)
+    ]
+    params["rounds"]["final"] = f"models/round-{extra_rounds + 1}/dpo" if extra_rounds else "models/dpo"
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    YAML().dump(params, tmp_path / "params.yaml")
+    with Repo(str(tmp_path), uninitialized=True) as repo:
+        return {o.def_path: o.use_cache for s in repo.index.stages for o in s.outs}
+
+
+def _git_ignored(paths: list[str]) -> set[str]:
+    """The paths git ignores, as a file or as a folder (an out not written yet is neither to git, and
+    a pattern like /data/pairs/ matches folders only)."""
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT,
+        input="\n".join(q for p in paths for q in (p, f"{p}/")), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr  # 1: none ignored
+    return {p.rstrip("/") for p in proc.stdout.split()}
+
+
+def test_git_ignores_the_cached_outs_and_keeps_the_cache_false_ones(tmp_path):
+    """After a run `git status` lists no DVC-cached out (their contents live in DVC's cache; for data/round-k/
+    DVC would write a data/round-k/.gitignore of its own), and git ignores no `cache: false` out (reports/:
+    metrics, plots, eval.md; they are committed with dvc.lock, or a fresh clone plus `dvc pull` finds
+    their stages changed: DVC can restore them from nowhere else)."""
+    outs = _rendered_outs(tmp_path, extra_rounds=2)
+    assert "data/round-3/generations" in outs and "reports/round-3/dpo/plots/metrics" in outs
+    ignored = _git_ignored(list(outs))
+    assert sorted(p for p, cached in outs.items() if cached and p not in ignored) == []
+    assert sorted(p for p, cached in outs.items() if not cached and p in ignored) == []
