@@ -114,3 +114,19 @@ def test_git_ignores_the_cached_outs_and_keeps_the_cache_false_ones(tmp_path):
     ignored = _git_ignored(list(outs))
     assert sorted(p for p, cached in outs.items() if cached and p not in ignored) == []
     assert sorted(p for p, cached in outs.items() if not cached and p in ignored) == []
+
+
+def test_every_cache_false_out_of_the_default_dag_is_committed(tmp_path):
+    """The baseline holds all of one run's `cache: false` outs, not only its metrics: the plots (DVCLive
+    curves, histograms, eval/*.csv), eval.md and its PNGs. Else `git status` after `make run` on a fresh
+    clone lists them untracked, `dvc plots diff` has no baseline, and a clone plus `dvc pull` finds
+    sft, reward_model, pairs, dpo and evaluate changed (DVC can restore these outs from nowhere)."""
+    outs = _rendered_outs(tmp_path, extra_rounds=0)
+    tracked = subprocess.run(["git", "ls-files", "reports"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()  # fmt: skip
+    missing = [
+        p
+        for p, cached in outs.items()
+        if not cached and not any(t == p or t.startswith(f"{p}/") for t in tracked)
+    ]
+    assert missing == [], "commit these outs of the baseline run with dvc.lock:\n" + "\n".join(missing)
