@@ -8,6 +8,7 @@ SmolLM2), which every stage accepts in place of the embedded default.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -95,18 +96,6 @@ def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(save_tiny_model(args.out_dir, seed=args.seed))
-
-
-if __name__ == "__main__":
-    main()
-
-
 def pair_row(i: int, prefix: str = "p", prompt_id: str | None = None) -> dict:
     """Row ``i`` of a tiny preference table (schema PAIRS): prompts, chosen and rejected of 3 lengths."""
     return {
@@ -139,3 +128,23 @@ def unpaired_row(i: int, label: bool | None = None, prompt_id: str | None = None
         "reward": float(i % 2 == 0),
         "source": "generated",
     }
+
+
+def save_cli(save: Callable[..., Path], description: str, argv: Sequence[str] | None = None) -> Path:
+    """``python -m <module> OUT_DIR [--seed N]`` of a tiny-model module: ``save(OUT_DIR, seed=N)``,
+    and print the folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = save(args.out_dir, seed=args.seed)
+    print(out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    save_cli(save_tiny_model, __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    main()

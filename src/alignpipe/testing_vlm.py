@@ -11,12 +11,12 @@ as ``<image>`` (the processor expands each to the image's tokens).
 
 from __future__ import annotations
 
-import argparse
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignpipe.testing import tiny_config, tiny_tokenizer
+from alignpipe.testing import save_cli, tiny_config, tiny_tokenizer
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH_SIZE = 16, 8
@@ -113,12 +113,8 @@ def save_tiny_vlm(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(save_tiny_vlm(args.out_dir, seed=args.seed))
+def main(argv: Sequence[str] | None = None) -> None:
+    save_cli(save_tiny_vlm, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
