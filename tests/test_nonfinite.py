@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from sft_helpers import sft_paths
 from transformers import TrainerCallback
 
-from alignpipe.artifacts.io import write_json, write_parquet
-from alignpipe.artifacts.schema import SFT
+from alignpipe.artifacts.io import write_json
 from alignpipe.params import SftParams
 from alignpipe.sft.data import LengthGroupedSampler, SftData, encode_rows
 from alignpipe.sft.stage import SftPaths, run_sft, summarize, training_arguments
@@ -32,10 +32,7 @@ ROWS = [
 
 
 def paths_for(tmp_path: Path, model_dir: Path) -> SftPaths:
-    write_parquet(ROWS, tmp_path / "sft.parquet", SFT)
-    return SftPaths(
-        model_dir, tmp_path / "sft.parquet", tmp_path / "out", tmp_path / "ckpt", tmp_path / "reports"
-    )
+    return sft_paths(tmp_path, model_dir, ROWS)
 
 
 def params(**overrides) -> SftParams:

@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from sft_helpers import StopAt, quick, sft_paths, weights
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignpipe.artifacts.io import ArtifactError, write_parquet
-from alignpipe.artifacts.schema import SFT
+from alignpipe.artifacts.io import ArtifactError
 from alignpipe.core.chat import ChatTemplateError
 from alignpipe.params import PeftParams, SftParams
 from alignpipe.sft.data import (
@@ -54,22 +53,8 @@ ROWS = [
 
 
 def paths_for(tmp_path: Path, model_dir: Path, rows: list[dict] = ROWS) -> SftPaths:
-    write_parquet(rows, tmp_path / "sft.parquet", SFT)
-    return SftPaths(
-        model_dir, tmp_path / "sft.parquet", tmp_path / "out", tmp_path / "ckpt", tmp_path / "reports"
-    )
-
-
-def quick(**overrides) -> SftParams:
-    """A few steps on the tiny model: 10 rows / batch 4 = 3 steps an epoch."""
-    fields = dict(
-        max_steps=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, logging_steps=2, save_steps=2
-    )
-    return SftParams(**(fields | overrides))
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
+    """The stage's paths over ``rows`` (ROWS: 10 rows, 3 steps an epoch of quick()'s batch 4)."""
+    return sft_paths(tmp_path, model_dir, rows)
 
 
 # --- tokens and labels ---------------------------------------------------------------------------
@@ -262,17 +247,6 @@ def test_disabled_copies_the_base_model_unchanged(tmp_path, tiny_model_dir):
         paths.metrics_dir / "plots/metrics/train/loss.tsv"
     ).read_text() == "step\tloss\n"  # dvc outs exist
     assert paths.checkpoints.is_dir()
-
-
-class StopAt(TrainerCallback):
-    """Simulates a crash: raises at the end of optimizer step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"killed at step {state.global_step}")
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_model_dir, capsys):

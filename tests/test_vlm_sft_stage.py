@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import TrainerCallback
+from sft_helpers import StopAt, quick, sft_paths, weights
 
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import write_parquet
-from alignpipe.params import PeftParams, SftParams
+from alignpipe.params import PeftParams
 from alignpipe.sft.stage import SftPaths, run_sft
 from alignpipe.testing_vlm import save_tiny_vlm, square_png
 from alignpipe.training.checkpoints import complete_checkpoints
@@ -34,34 +32,8 @@ def vlm_dir(tmp_path_factory):
 
 
 def paths_for(tmp_path: Path, model_dir: Path) -> SftPaths:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    write_parquet(ROWS, tmp_path / "sft.parquet", schema.with_images(schema.SFT))
-    return SftPaths(
-        model_dir, tmp_path / "sft.parquet", tmp_path / "out", tmp_path / "ckpt", tmp_path / "reports"
-    )
-
-
-def quick(**overrides) -> SftParams:
-    """8 rows / batch 4 = 2 steps an epoch; 6 steps, a checkpoint every 2."""
-    fields = dict(
-        max_steps=6, batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, logging_steps=2, save_steps=2
-    )
-    return SftParams(**(fields | overrides))
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
-
-
-class StopAt(TrainerCallback):
-    """Simulates a crash at the end of optimizer step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt(f"killed at step {state.global_step}")
+    """The stage's paths over ROWS with their images (8 rows: 2 steps an epoch of quick()'s batch 4)."""
+    return sft_paths(tmp_path, model_dir, ROWS, schema.with_images(schema.SFT))
 
 
 def test_vlm_sft_trains_the_language_model_and_writes_a_loadable_folder(tmp_path, vlm_dir):
