@@ -122,3 +122,16 @@ def test_kto_on_a_vlm_step_one_at_policy_equal_reference_then_trains(env, tmp_pa
     AutoProcessor.from_pretrained(run / "dpo")
     AutoModelForImageTextToText.from_pretrained(run / "dpo")
     shutil.rmtree(run)
+
+
+def test_a_user_unpaired_row_keeps_its_own_images():
+    """A generated example takes its prompt's images (by prompt_id); a user row its own (by example_id,
+    data/prepared/unpaired.parquet), even when its prompt matched a generated prompt's id."""
+    from alignpipe.pairs.stage import with_example_images
+
+    red, blue = [{"bytes": square_png(COLOURS["red"]), "path": None}], [{"bytes": square_png(COLOURS["blue"]), "path": None}]  # fmt: skip
+    rows = [{"example_id": "g", "prompt_id": "pred", "source": "generated"},
+            {"example_id": "u", "prompt_id": "pred", "source": "user"},
+            {"example_id": "v", "prompt_id": "other", "source": "user"}]  # fmt: skip
+    out = with_example_images(rows, {"pred": red}, {"u": blue})
+    assert [r["images"] for r in out] == [red, blue, []]

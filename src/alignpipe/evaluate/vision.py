@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import ArtifactError, read_parquet
 from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation
@@ -85,6 +87,17 @@ def encode_vision_answers(
     return out
 
 
+def _encode_demonstration(processor: Any, row: Mapping[str, Any], max_length: int) -> VisionEncoded:
+    try:
+        return encode_vision_completion(
+            processor, row["prompt"], row["completion"], row["images"] or [], max_length
+        )
+    except TruncationError as exc:
+        raise ValueError(
+            f"evaluate: SFT demonstration id={row['id']}: {exc} (raise dpo.max_length)"
+        ) from None
+
+
 class VisionEvaluation:
     """The model-facing steps of :func:`alignpipe.evaluate.stage.run_evaluate` on a VLM (the methods of
     :class:`alignpipe.evaluate.stage.TextEvaluation`, with the eval prompts' images)."""
@@ -109,7 +122,8 @@ class VisionEvaluation:
                                          keys, params.seed)  # fmt: skip
         backend = VisionHFBackend.load(model_dir, params, processor)
         try:
-            samples = backend.generate(requests, params.n)
+            with tqdm(total=len(prompts), unit="prompt", desc=f"generate {label}") as bar:
+                samples = backend.generate(requests, params.n, bar.update)
         finally:
             backend.close()
         answers = [Answer(keys[s.prompt_index], s.sample_idx, s.completion, s.n_tokens, s.finish_reason)
@@ -119,14 +133,15 @@ class VisionEvaluation:
 
     def _answer_logps(
         self,
-        model_dir: str | os.PathLike,
+        loaded: tuple[Any, VisionCompletionScorer],
         prompts: Sequence[EvalPrompt],
         answers: Sequence[Answer],
         params: EvaluateParams,
         dpo: DpoParams,
         counts: Truncation | None = None,
     ) -> list[float]:
-        processor, scorer = load_vision_scorer(model_dir, params.dtype)
+        """Summed log-probs of ``answers`` with their prompts' images under ``loaded`` (processor, scorer)."""
+        processor, scorer = loaded
         seqs = encode_vision_answers(processor, prompts, self.stored, answers, dpo.max_length, counts)
         pad = processor.tokenizer.pad_token_id
         return vision_sequence_logps(scorer, seqs, params.batch_size, pad).tolist()
@@ -146,15 +161,17 @@ class VisionEvaluation:
         """KL(dpo || sft) on DPO's answers, and the implicit-reward accuracy on the eval pairs."""
         timer = Timer("evaluate: log-probs")
         answer_counts = Truncation()
-        dpo_logps = self._answer_logps(dpo_dir, prompts, dpo_answers, params, dpo, answer_counts)
         processor, scorer = load_vision_scorer(dpo_dir, params.dtype)
+        dpo_logps = self._answer_logps((processor, scorer), prompts, dpo_answers, params, dpo, answer_counts)
         pairs = read_vision_pairs(Path(pairs_path), processor, dpo.max_length)
         ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
         policy = vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
         del scorer  # one model in memory at a time
         if truncation is not None:
             truncation.update(answers=answer_counts, pairs=count_truncation(pairs))
-        sft_logps = self._answer_logps(sft_dir, prompts, dpo_answers, params, dpo)
+        sft_logps = self._answer_logps(
+            load_vision_scorer(sft_dir, params.dtype), prompts, dpo_answers, params, dpo
+        )
         kl = kl_estimate(dpo_logps, sft_logps, [a.prompt_id for a in dpo_answers])
         timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
         return kl, pairs_metrics(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta)
@@ -169,7 +186,8 @@ class VisionEvaluation:
         dpo: DpoParams,
     ) -> Estimate:
         """KL(policy || sft) on the policy's own answers (an earlier round's policy)."""
-        logps = [self._answer_logps(d, prompts, answers, params, dpo) for d in (policy_dir, sft_dir)]
+        logps = [self._answer_logps(load_vision_scorer(d, params.dtype), prompts, answers, params, dpo)
+                 for d in (policy_dir, sft_dir)]  # fmt: skip
         return kl_estimate(logps[0], logps[1], [a.prompt_id for a in answers])
 
     @staticmethod
@@ -188,11 +206,7 @@ class VisionEvaluation:
         timer, out = Timer("evaluate: forgetting NLL"), {}
         for model, folder in models.items():
             processor, scorer = load_vision_scorer(folder, params.dtype)
-            try:
-                seqs = [encode_vision_completion(processor, r["prompt"], r["completion"], r["images"] or [],
-                                                 dpo.max_length) for r in rows]  # fmt: skip
-            except TruncationError as exc:
-                raise ValueError(f"evaluate: an SFT demonstration: {exc} (raise dpo.max_length)") from None
+            seqs = [_encode_demonstration(processor, r, dpo.max_length) for r in rows]
             logps = vision_sequence_logps(scorer, seqs, params.batch_size, processor.tokenizer.pad_token_id)
             tokens = sum(len(s.encoded.completion_ids) for s in seqs)
             out[model] = DemoNll(-logps.sum().item() / tokens, tokens, len(seqs))
