@@ -82,17 +82,27 @@ def encode_unpaired(
                    "rejected": rows[j]["completion"]}  # fmt: skip
         try:
             pairs.append(encode_pair(tokenizer, as_pair, max_length, max_prompt_length, where))
-        except PairDataError as exc:  # name the fields as this file has them
-            msg = str(exc).replace(": pair ", ": example ").replace("'chosen'", "'completion'")
-            raise PairDataError(
-                msg.replace("'rejected'", f"'completion' of {rows[j]['example_id']} (the KL mismatch)")
-            ) from None
+        except PairDataError as exc:
+            raise as_example_error(exc, rows[j]["example_id"]) from None
     return UnpairedSet(pairs, [bool(r["label"]) for r in rows], [str(rows[j]["example_id"]) for j in partner])
+
+
+def as_example_error(exc: PairDataError, kl_id: str) -> PairDataError:
+    """A pair-path error named as an unpaired file has its fields (example, completion, the KL mismatch)."""
+    msg = str(exc).replace(": pair ", ": example ").replace("'chosen'", "'completion'")
+    return PairDataError(msg.replace("'rejected'", f"'completion' of {kl_id} (the KL mismatch)"))
 
 
 def read_unpaired(path: Path, tokenizer: Any, max_length: int, max_prompt_length: int) -> UnpairedSet:
     """Read and encode ``data/unpaired/<split>.parquet``; example ids must be unique, labels set."""
-    rows = read_parquet(path, schema.UNPAIRED)
+    rows = read_unpaired_rows(path, schema.UNPAIRED)
+    return encode_unpaired(tokenizer, rows, max_length, max_prompt_length, where=str(path))
+
+
+def read_unpaired_rows(path: Path, table_schema: Any) -> list[dict[str, Any]]:
+    """The rows of an unpaired file (``table_schema``: UNPAIRED, or with images), checked: example ids
+    unique, every label set."""
+    rows = read_parquet(path, table_schema)
     seen: set[str] = set()
     for i, row in enumerate(rows):
         if row["example_id"] in seen:
@@ -100,7 +110,7 @@ def read_unpaired(path: Path, tokenizer: Any, max_length: int, max_prompt_length
         if row["label"] is None:
             raise PairDataError(f"{path}: row {i}: field 'label': missing (true: desirable, false: not)")
         seen.add(row["example_id"])
-    return encode_unpaired(tokenizer, rows, max_length, max_prompt_length, where=str(path))
+    return rows
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,12 @@ from alignpipe.dpo.run import (
     pair_losses,
 )
 from alignpipe.dpo.tr_dpo import sync_reference
-from alignpipe.dpo.vision import check_vision_dpo, load_vision_policy, load_vision_split
+from alignpipe.dpo.vision import (
+    check_vision_dpo,
+    load_vision_policy,
+    load_vision_split,
+    load_vision_unpaired_split,
+)
 from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (
     checkpoint_history,
@@ -218,7 +223,10 @@ def build_run(
     if params.unpaired and unpaired is None:
         raise ValueError(f"dpo.loss_type {params.loss_type} trains on unpaired examples: pass --unpaired")
     folder, ref_path = unpaired if params.unpaired and unpaired else (pairs_dir, ref_logps)
-    load = kto.load_unpaired_split if params.unpaired else load_vision_split if vision else load_split
+    if params.unpaired:  # an unpaired loss (kto) reads data/unpaired
+        load = load_vision_unpaired_split if vision else kto.load_unpaired_split
+    else:
+        load = load_vision_split if vision else load_split
     train_data = load(folder, "train", ref_path, tokenizer, *lengths)
     has_eval = (folder / "eval.parquet").exists()
     eval_data = load(folder, "eval", ref_path, tokenizer, *lengths) if has_eval else None

@@ -6,8 +6,10 @@ the policy loads through ``AutoModelForImageTextToText`` with its vision tower a
 (:func:`alignpipe.vision.models.set_trainable`) and scores through
 :class:`~alignpipe.vision.logprobs.VisionCompletionScorer`: each pair's images go through the tower once
 and both answers share the features. The loop, the losses, checkpoints and resume are the text path's.
-Not built yet (refused in one line): LoRA/QLoRA, a live reference (TR-DPO), unpaired losses (KTO),
-``torch.compile``.
+An unpaired loss (KTO) reads ``data/unpaired`` with its images (:mod:`alignpipe.vision.unpaired`) and
+runs the KTO step of :mod:`alignpipe.dpo.kto` unchanged (each example and its KL mismatch a shared-prompt
+pair with the example's images). Not built yet (refused in one line): LoRA/QLoRA, a live reference
+(TR-DPO), ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alignpipe.artifacts.ref_logps import PairScores
+from alignpipe.artifacts.unpaired import UnpairedScores
 from alignpipe.dpo.data import DpoPairs, join_ref_logps
+from alignpipe.dpo.kto import KtoData
 from alignpipe.params import DpoParams
 from alignpipe.training.numerics import Numerics
 from alignpipe.vision.logprobs import read_vision_pairs
 from alignpipe.vision.models import load_image_text_model, set_trainable
+from alignpipe.vision.unpaired import read_vision_unpaired
 
 
 def check_vision_dpo(params: DpoParams, model_dir: Path) -> None:
@@ -28,7 +35,6 @@ def check_vision_dpo(params: DpoParams, model_dir: Path) -> None:
     unsupported = {
         "dpo.peft.enabled": params.peft.enabled,
         "dpo.reference: live": params.reference == "live",
-        f"dpo.loss_type: {params.loss_type}": params.unpaired,
         "dpo.compile": params.compile,
     }
     named = [name for name, on in unsupported.items() if on]
@@ -45,6 +51,17 @@ def load_vision_split(
     cut on a VLM: ``max_prompt_length`` is not applied)."""
     pairs = read_vision_pairs(pairs_dir / f"{split}.parquet", processor, max_length)
     return join_ref_logps(list(pairs), PairScores.read(ref_logps), where=str(ref_logps))
+
+
+def load_vision_unpaired_split(
+    folder: Path, split: str, ref_logps: Path, processor: Any, max_length: int, max_prompt_length: int
+) -> KtoData:
+    """:func:`alignpipe.dpo.kto.load_unpaired_split` on examples with images (the prompt is never cut)."""
+    data = read_vision_unpaired(folder / f"{split}.parquet", processor, max_length)
+    ref = UnpairedScores.read(ref_logps).aligned(data, where=str(ref_logps))
+    return KtoData(
+        data.pairs, ref.logps.float(), ref.kl_logps.float(), torch.tensor(data.labels, dtype=torch.bool)
+    )
 
 
 def load_vision_policy(model_dir: Path, numerics: Numerics, device: Any) -> Any:

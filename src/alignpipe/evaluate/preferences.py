@@ -38,7 +38,7 @@ from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.params import DpoParams, EvaluateParams
 
-MARGIN_TIE = 1e-5  # as alignpipe.evaluate.stage.MARGIN_TIE: |value| below it is fp32 noise, a tie
+MARGIN_TIE = 1e-5  # as alignpipe.evaluate.compare.MARGIN_TIE: |value| below it is fp32 noise, a tie
 FIGURES = ("preference_accuracy", "reward_margin", "chosen_up_rejected_down", "logp_accuracy")
 SFT_REFERENCE = (
     "SFT is the reference: log-ratios 0, so reward_margin and chosen_up_rejected_down are 0 by definition; "

@@ -28,9 +28,7 @@ thresholds that fail the stage after its reports are written: :mod:`alignpipe.ev
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,64 +45,13 @@ from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_score
 from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.data import builtin as task
+from alignpipe.evaluate.compare import kl_estimate, pairs_metrics, win_rate
 from alignpipe.evaluate.preferences import preference_split
-from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult, WinRate
+from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult
 from alignpipe.evaluate.rounds import earlier_rounds, is_round, with_rounds
+from alignpipe.evaluate.signals import forgetting
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams, RoundsParams
-
-MARGIN_TIE = 1e-5  # |implicit-reward margin| below this is fp32 noise: a tie (see pairs_metrics)
-
-
-def win_rate(challenger: Sequence[Answer], incumbent: Sequence[Answer]) -> WinRate:
-    """Challenger's answers against the incumbent's with the same (prompt_id, sample_idx); ties count 1/2."""
-    theirs = {a.key: a.reward for a in incumbent}
-    if set(theirs) != {a.key for a in challenger}:
-        raise ValueError("win_rate: the two models answered different (prompt_id, sample_idx) sets")
-    wins = sum(a.reward > theirs[a.key] for a in challenger)
-    ties = sum(a.reward == theirs[a.key] for a in challenger)
-    return WinRate(wins, ties, len(challenger) - wins - ties)
-
-
-def kl_estimate(
-    policy_logps: Sequence[float], other_logps: Sequence[float], groups: Sequence[str]
-) -> Estimate:
-    """Mean of ``policy - other`` over samples drawn from the policy, and its standard error.
-
-    Samples of one prompt are not independent of each other, so the standard error is taken over
-    the per-prompt means (``groups``: the prompt id of each sample; with one sample per prompt this
-    is the usual ``stdev / sqrt(n)``).
-    """
-    by_group: dict[str, list[float]] = {}
-    for p, q, g in zip(policy_logps, other_logps, groups, strict=True):
-        by_group.setdefault(g, []).append(p - q)
-    if not by_group:
-        return Estimate(None, None, 0)
-    means = [statistics.fmean(v) for v in by_group.values()]
-    stderr = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else None
-    return Estimate(statistics.fmean(means), stderr, len(policy_logps))
-
-
-def pairs_metrics(
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-) -> PairsResult:
-    """Implicit-reward accuracy (margin > 0) and mean margin of the policy on pairs.
-
-    Margins within ``MARGIN_TIE`` of 0 count as ties, which are misses: the same model scored in
-    other batches (ref_logps packs, batch sizes differ) moves fp32 summed log-probs by ~1e-6, and a
-    policy equal to its reference should score 0, not a coin flip.
-    """
-    from alignpipe.core.losses import implicit_rewards
-
-    if chosen.numel() == 0:
-        return PairsResult(None, None, 0)
-    reward_c, reward_r = implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, beta)
-    margins = (reward_c - reward_r).double()
-    accuracy = (margins > MARGIN_TIE).double().mean().item()
-    return PairsResult(accuracy, margins.mean().item(), int(margins.numel()))
+from alignpipe.vision.models import is_vision_model_folder
 
 
 def encode_answers(
@@ -208,8 +155,10 @@ def score_answers(
     prompts: Sequence[EvalPrompt],
     answers: dict[str, list[Answer]],
     reward_model: Path | None = None,
+    images: Mapping[str, list[Any]] | None = None,
 ) -> tuple[dict[str, list[Answer]], str]:
-    """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward."""
+    """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward;
+    ``images`` (VLM prompts): prompt_id -> its opened images, passed to a ``python`` reward as score does."""
     from dataclasses import replace
 
     from alignpipe.rewards.base import reward_truncation, score_completions
@@ -226,6 +175,7 @@ def score_answers(
             [a.completion for _, a in flat],
             [by_id[a.prompt_id].meta for _, a in flat],
             labels=[f"({m}, prompt_id={a.prompt_id}, sample_idx={a.sample_idx})" for m, a in flat],
+            images=None if images is None else [images[a.prompt_id] for _, a in flat],
         )
     finally:
         reward.close()
@@ -331,29 +281,32 @@ def run_evaluate(
     """
     from alignpipe.evaluate.gate import enforce
     from alignpipe.evaluate.report import eval_metrics, write_reports
-    from alignpipe.evaluate.signals import forgetting
-    from alignpipe.generation.base import resolve_backend
 
     total = Timer("evaluate")
     prompts = load_eval_prompts(prompts_path, params.max_prompts)
+    ops: Any = TextEvaluation()
+    if is_vision_model_folder(models["sft"]):  # dispatched once, on the SFT folder's config
+        from alignpipe.evaluate.vision import VisionEvaluation
+
+        ops = VisionEvaluation(prompts_path)
     labels = with_rounds([m for m in MODELS if m != "base" or params.include_base], models)
-    answers = {m: generate_answers(models[m], prompts, params, m) for m in labels}
+    answers = {m: ops.generate_answers(models[m], prompts, params, m) for m in labels}
     reward_params = judge(reward_params, prompts)
-    answers, reward_name = score_answers(reward_params, prompts, answers, reward_model)
+    answers, reward_name = score_answers(reward_params, prompts, answers, reward_model, ops.images)
     truncation: dict[str, Truncation] = {}
-    kl, pairs = policy_logps(models["dpo"], models["sft"], prompts, answers["dpo"], pairs_path, ref_logps_path,
-                             params, dpo, truncation)  # fmt: skip
+    kl, pairs = ops.policy_logps(models["dpo"], models["sft"], prompts, answers["dpo"], pairs_path,
+                                 ref_logps_path, params, dpo, truncation)  # fmt: skip
     for what, counts in truncation.items():
         counts.warn("evaluate", f"eval {what}", DPO_LENGTH_KEYS)
-    round_kl = {m: answers_kl(models[m], models["sft"], prompts, answers[m], params, dpo)
+    round_kl = {m: ops.answers_kl(models[m], models["sft"], prompts, answers[m], params, dpo)
                 for m in labels if is_round(m)}  # fmt: skip
-    demo_nll = forgetting({m: models[m] for m in labels}, sft_data, params, dpo)
+    demo_nll = ops.forgetting({m: models[m] for m in labels}, sft_data, params, dpo)
     result = EvalResult(
         params=params,
         reward_name=reward_name,
         builtin=reward_params.kind == "builtin",
         family_order=task.FAMILIES,
-        backend=resolve_backend(params.backend),
+        backend=ops.backend(params.backend),
         prompts=prompts,
         answers=answers,
         win=win_rate(answers["dpo"], answers["sft"]),
@@ -366,7 +319,9 @@ def run_evaluate(
         round_kl=round_kl,
     )
     metrics = eval_metrics(result)
-    split = preference_split(models["dpo"], preferences, ref_logps_path, params, dpo) if preferences else None
+    split = (
+        ops.preference_split(models["dpo"], preferences, ref_logps_path, params, dpo) if preferences else None
+    )
     if split is not None:
         metrics["preferences"] = split
     write_reports(result, metrics, Path(out_dir), curves or {})
@@ -375,6 +330,24 @@ def run_evaluate(
     )
     enforce(metrics)
     return metrics
+
+
+class TextEvaluation:
+    """The model-facing steps of :func:`run_evaluate` on a text model (a VLM's, the same methods with
+    pixel inputs: :class:`alignpipe.evaluate.vision.VisionEvaluation`)."""
+
+    images = None  # no prompt images for the reward
+    generate_answers = staticmethod(generate_answers)
+    policy_logps = staticmethod(policy_logps)
+    answers_kl = staticmethod(answers_kl)
+    forgetting = staticmethod(forgetting)
+    preference_split = staticmethod(preference_split)
+
+    @staticmethod
+    def backend(name: str) -> str:
+        from alignpipe.generation.base import resolve_backend
+
+        return resolve_backend(name)
 
 
 @dataclass(frozen=True)

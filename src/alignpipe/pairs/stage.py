@@ -92,6 +92,19 @@ def with_pair_images(
     return [{**r, "images": by_prompt.get(r["prompt_id"], by_pair.get(r["pair_id"], []))} for r in rows]
 
 
+def with_example_images(
+    rows: list[dict[str, Any]], by_prompt: dict[str, list[Any]], by_example: dict[str, list[Any]]
+) -> list[dict[str, Any]]:
+    """Unpaired rows with images: a user row's own (by example_id, unpaired.parquet), a generated one's
+    its prompt's (by prompt_id); [] for a row with none."""
+
+    def images(r: dict[str, Any]) -> list[Any]:
+        own = by_example.get(r["example_id"]) if r["source"] == "user" else None
+        return own if own is not None else by_prompt.get(r["prompt_id"], [])
+
+    return [{**r, "images": images(r)} for r in rows]
+
+
 def pairs(
     scored_path: str | os.PathLike,
     prompts_path: str | os.PathLike,
@@ -132,14 +145,19 @@ def pairs(
         evals = with_pair_images(evals, by_prompt, by_pair)
         test = with_pair_images(test, {}, by_test)
         pairs_schema = schema.with_images(schema.PAIRS)
+    by_example = _images_by(Path(prepared_dir) / "unpaired.parquet", schema.UNPAIRED_PREPARED, "example_id")
+    unpaired_schema = schema.UNPAIRED
+    if by_prompt or by_example:  # KTO on VLM data: an example keeps its prompt's images (a user row its own)
+        u_train, u_evals = (with_example_images(rows, by_prompt, by_example) for rows in (u_train, u_evals))
+        unpaired_schema = schema.with_images(schema.UNPAIRED)
     with atomic_path(out_dir) as tmp:
         write_parquet(train, tmp / "train.parquet", pairs_schema)
         write_parquet(evals, tmp / "eval.parquet", pairs_schema)
         write_parquet(test, tmp / "test.parquet", pairs_schema)
     if unpaired_dir is not None:
         with atomic_path(unpaired_dir) as tmp:
-            write_parquet(u_train, tmp / "train.parquet", schema.UNPAIRED)
-            write_parquet(u_evals, tmp / "eval.parquet", schema.UNPAIRED)
+            write_parquet(u_train, tmp / "train.parquet", unpaired_schema)
+            write_parquet(u_evals, tmp / "eval.parquet", unpaired_schema)
     write_json(report, report_path)
     plots = Path(plots_dir)
     write_histogram(histogram([float(r["reward"]) for r in scored]), plots / "rewards.csv")

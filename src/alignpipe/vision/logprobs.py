@@ -31,8 +31,10 @@ from alignpipe.core.logprobs import (
     CompletionScorer,
     PairBatch,
     PairLogps,
+    _layout,
     _logits_transform,
     _row_starts,
+    _scored_positions,
     collate_pairs,
     length_sorted_batches,
     pack_row_tokens,
@@ -40,7 +42,7 @@ from alignpipe.core.logprobs import (
     shares_prompt,
 )
 from alignpipe.core.router import router_aux_loss, router_inputs
-from alignpipe.vision.models import encode_vision_completion, image_token_id
+from alignpipe.vision.models import VisionEncoded, encode_vision_completion, image_token_id
 
 
 @dataclass(frozen=True)
@@ -250,3 +252,45 @@ def vision_pair_scores(
         sides = (out.chosen_logps, out.rejected_logps, out.chosen_tokens, out.rejected_tokens)
         found.update(zip(batch.batch.pair_ids, zip(*(t.tolist() for t in sides), strict=True), strict=True))
     return PairScores.from_rows([p.pair_id for p in pairs], [found[p.pair_id] for p in pairs])
+
+
+def collate_vision_sequences(
+    seqs: Sequence[VisionEncoded], pad_token_id: int, image_token: int, row_tokens: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """Single sequences with their images, padding-free as :func:`alignpipe.core.logprobs.sequence_logps`
+    lays them out: (input_ids, position_ids, predict_index, target_ids, sequence_index, image inputs of
+    :class:`VisionCompletionScorer`); each sequence's images go through the tower once."""
+    encoded = [s.encoded for s in seqs]
+    input_ids, position_ids, _, where = _layout(encoded, True, pad_token_id, row_tokens)
+    predict, targets, seq_index = _scored_positions(encoded, where)
+    image_index: list[int] = []
+    for enc, at in zip(encoded, where, strict=True):
+        image_index += [int(at[k]) for k, t in enumerate(enc.prompt_ids) if t == image_token]
+    keys = sorted({k for s in seqs for k in s.pixel_inputs})
+    pixels = {k: torch.cat([s.pixel_inputs[k] for s in seqs if k in s.pixel_inputs]) for k in keys}
+    image = {"image_index": torch.tensor(image_index, dtype=torch.long),
+             "feature_index": torch.arange(len(image_index)), **pixels}  # fmt: skip
+    return input_ids, position_ids, predict, targets, seq_index, image
+
+
+@torch.inference_mode()
+def vision_sequence_logps(
+    scorer: VisionCompletionScorer, seqs: Sequence[VisionEncoded], batch_size: int, pad_token_id: int
+) -> Tensor:
+    """Summed completion log-prob (float64, (S,)) of each sequence with its images, in ``seqs`` order, under
+    a frozen scorer: :func:`alignpipe.core.logprobs.sequence_logps` with pixel inputs."""
+    device = next(scorer.parameters()).device
+    row_tokens, image_token = pack_row_tokens(scorer), scorer_image_token(scorer)
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].encoded.input_ids))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        ids, pos, predict, targets, seq_index, image = collate_vision_sequences(
+            [seqs[i] for i in index], pad_token_id, image_token, row_tokens
+        )
+        image = {k: v.to(device) for k, v in image.items()}
+        token_logps, _ = scorer(ids.to(device), pos.to(device), None, predict.to(device), targets.to(device),
+                                **image)  # fmt: skip
+        sums = torch.zeros(len(index), dtype=token_logps.dtype, device=device)
+        out[index] = sums.index_add(0, seq_index.to(device), token_logps).double().cpu()
+    return out

@@ -5,8 +5,11 @@ writes it on image data); each is encoded once through the processor
 (:func:`alignpipe.vision.logprobs.read_vision_pairs`) and scored by the frozen VLM in length-sorted
 batches (:func:`~alignpipe.vision.logprobs.vision_pair_scores`): a pair's images go through the vision
 tower once and both answers share the features. The output is the text path's ``REF_LOGPS`` file.
-With ``dtype: auto`` the reference computes as dpo's policy does (weights, autocast). Not built yet:
-``ref_logps.unpaired`` (KTO) and a 4-bit base on a VLM (refused in one line).
+With ``dtype: auto`` the reference computes as dpo's policy does (weights, autocast). With
+``ref_logps.unpaired`` (KTO) the unpaired examples of ``data/unpaired`` are scored too, each with its KL
+mismatch in one shared-prompt row and its images through the tower once
+(:mod:`alignpipe.vision.unpaired`), into the text path's ``REF_LOGPS_UNPAIRED`` file. Not built yet: a
+4-bit base on a VLM (refused in one line).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from alignpipe.vision.logprobs import (
     vision_pair_scores,
 )
 from alignpipe.vision.models import load_image_text_model, load_processor
+from alignpipe.vision.unpaired import read_vision_unpaired_splits
 
 
 def read_vision_splits(pairs_dir: Path, processor: Any, max_length: int, splits: tuple[str, ...]) -> list[VisionPair]:  # fmt: skip
@@ -43,6 +47,12 @@ def read_vision_splits(pairs_dir: Path, processor: Any, max_length: int, splits:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise PairDataError(f"{pairs_dir}: pair_id {dup!r} is in more than one split")
     return pairs
+
+
+def _zeros(pairs: list[Any]) -> PairScores:
+    """Reference-free scores: every log-prob 0, the token counts the pairs' own."""
+    counts = [(len(p.chosen.completion_ids), len(p.rejected.completion_ids)) for p in pairs]
+    return PairScores.from_rows([p.pair_id for p in pairs], [(0.0, 0.0, c, r) for c, r in counts])
 
 
 def vision_reference_scorer(model_dir: Path, numerics: Numerics, device: Any) -> VisionCompletionScorer:
@@ -67,26 +77,36 @@ def run_vision_ref_logps(
     splits: tuple[str, ...],
 ) -> dict[str, Any]:
     """:func:`alignpipe.ref_logps.run_ref_logps` for a VLM (``numerics``: already resolved from dpo)."""
-    if unpaired is not None and unpaired[0] is not None:
-        raise ValueError("ref_logps.unpaired (KTO) is not supported on a vision-language model yet")
     processor = load_processor(model_dir)
     pairs = read_vision_splits(pairs_dir, processor, max_length, splits)
+    folder = unpaired[0] if unpaired is not None else None
+    examples = read_vision_unpaired_splits(folder, processor, max_length) if folder is not None else None
+    examples = examples or None  # no examples: nothing to score, an empty file
     timer = Timer("ref_logps")
+    unpaired_scores = UnpairedScores.empty()
     if reference_free:
-        counts = [(len(p.chosen.completion_ids), len(p.rejected.completion_ids)) for p in pairs]
-        scores = PairScores.from_rows([p.pair_id for p in pairs], [(0.0, 0.0, c, r) for c, r in counts])
+        scores = _zeros(pairs)
+        if examples is not None:
+            unpaired_scores = UnpairedScores.from_pair_scores(_zeros(examples.pairs), examples.kl_ids)
     else:
         device = pick_device()
         scorer = vision_reference_scorer(model_dir, numerics, device)
+        pad = processor.tokenizer.pad_token_id
         with numerics.context(device):
-            scores = vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
+            scores = vision_pair_scores(scorer, pairs, params.batch_size, pad)
+            if examples is not None:  # an example and its KL mismatch share their prompt and images
+                found = vision_pair_scores(scorer, examples.pairs, params.batch_size, pad)
+                unpaired_scores = UnpairedScores.from_pair_scores(found, examples.kl_ids)
     if unpaired is not None:
-        UnpairedScores.empty().write(unpaired[1])
+        unpaired_scores.write(unpaired[1])
     scores.write(out)
-    n_tokens = sum(p.n_tokens for p in pairs)
+    n_tokens = sum(p.n_tokens for p in pairs) + (sum(p.n_tokens for p in examples.pairs) if examples else 0)
     timer.summary(len(pairs), "pairs", tokens=n_tokens)
     summary = {"pairs": len(pairs), "tokens": n_tokens, "truncation": count_truncation(pairs).as_dict(), "seconds": round(timer.seconds, 2),
                "reference_free": reference_free, "vision": True}  # fmt: skip
+    if examples is not None:
+        summary["unpaired_examples"] = len(examples)
+        summary["unpaired_truncation"] = count_truncation(examples.pairs).as_dict()
     if metrics is not None:
         write_json(summary, metrics)
     return summary

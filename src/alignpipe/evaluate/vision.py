@@ -1,0 +1,241 @@
+"""The ``evaluate`` stage on a vision-language model (the SFT folder has a vision config).
+
+The same measurements and reports as for text (:mod:`alignpipe.evaluate.stage`), with each eval prompt's
+images (``eval_prompts.parquet``'s ``images`` column, written by ``prepare``):
+
+- answers are sampled as ``generate`` samples a VLM (:mod:`alignpipe.vision.backend`: the processor's
+  chat template, transformers' ``generate`` with the pixel inputs, seeds keyed by prompt id, so SFT and
+  DPO draw the same numbers);
+- a ``python`` reward gets ``images=`` (per answer, its prompt's images), as in ``score``;
+- KL(dpo || sft) on DPO's answers and the forgetting NLL of SFT demonstrations (``sft.parquet`` with its
+  images) go through :func:`alignpipe.vision.logprobs.vision_sequence_logps`; the eval pairs and a
+  held-out preference split through :func:`~alignpipe.vision.logprobs.vision_pair_scores` (the
+  ``ref_logps`` path of a VLM, so margins use the reference's layout).
+
+A prompt with images is never cut (:mod:`alignpipe.vision.models`): only ``dpo.max_length`` applies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from alignpipe.artifacts import schema
+from alignpipe.artifacts.io import ArtifactError, read_parquet
+from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation
+from alignpipe.artifacts.ref_logps import PairScores
+from alignpipe.core.chat import Encoded, Truncation, TruncationError
+from alignpipe.core.models import pick_device
+from alignpipe.core.progress import Timer
+from alignpipe.evaluate.compare import kl_estimate, pairs_metrics
+from alignpipe.evaluate.preferences import SFT_REFERENCE, policy_figures, sft_figures
+from alignpipe.evaluate.results import Answer, DemoNll, Estimate, EvalPrompt, PairsResult
+from alignpipe.params import DpoParams, EvaluateParams
+from alignpipe.vision.backend import VisionHFBackend, build_vision_requests
+from alignpipe.vision.logprobs import (
+    VisionCompletionScorer,
+    read_vision_pairs,
+    vision_pair_scores,
+    vision_sequence_logps,
+)
+from alignpipe.vision.models import (
+    VisionEncoded,
+    encode_vision_completion,
+    load_image_text_model,
+    load_processor,
+    open_images,
+)
+
+
+def load_vision_scorer(model_dir: str | os.PathLike, dtype: str) -> tuple[Any, VisionCompletionScorer]:
+    """(processor, frozen scorer) of a VLM folder."""
+    scorer = VisionCompletionScorer(load_image_text_model(model_dir, dtype, pick_device())).eval()
+    scorer.requires_grad_(False)
+    return load_processor(model_dir), scorer
+
+
+def encode_vision_answers(
+    processor: Any,
+    prompts: Sequence[EvalPrompt],
+    images: Mapping[str, list[dict[str, Any]]],
+    answers: Sequence[Answer],
+    max_length: int,
+    counts: Truncation | None = None,
+) -> list[VisionEncoded]:
+    """Answers with their prompt's images as tokens; an answer cut at max_new_tokens keeps no EOS (as
+    :func:`alignpipe.evaluate.stage.encode_answers`)."""
+    by_id = {p.prompt_id: p.prompt for p in prompts}
+    out = []
+    for a in answers:
+        try:
+            enc = encode_vision_completion(processor, by_id[a.prompt_id], [{"role": "assistant", "content": a.completion}],
+                                           images[a.prompt_id], max_length)  # fmt: skip
+        except TruncationError as exc:
+            raise ValueError(
+                f"evaluate: answer (prompt_id={a.prompt_id}, sample_idx={a.sample_idx}): {exc} (raise dpo.max_length)"
+            ) from None
+        e = enc.encoded
+        if a.finish_reason == "length" and not e.completion_cut and len(e.completion_ids) > 1:
+            enc = VisionEncoded(Encoded(e.prompt_ids, e.completion_ids[:-1]), enc.pixel_inputs, enc.n_images)
+        if counts is not None:
+            counts.count(False, enc.encoded.completion_cut)
+        out.append(enc)
+    return out
+
+
+def _encode_demonstration(processor: Any, row: Mapping[str, Any], max_length: int) -> VisionEncoded:
+    try:
+        return encode_vision_completion(
+            processor, row["prompt"], row["completion"], row["images"] or [], max_length
+        )
+    except TruncationError as exc:
+        raise ValueError(
+            f"evaluate: SFT demonstration id={row['id']}: {exc} (raise dpo.max_length)"
+        ) from None
+
+
+class VisionEvaluation:
+    """The model-facing steps of :func:`alignpipe.evaluate.stage.run_evaluate` on a VLM (the methods of
+    :class:`alignpipe.evaluate.stage.TextEvaluation`, with the eval prompts' images)."""
+
+    def __init__(self, prompts_path: str | os.PathLike) -> None:
+        rows = read_parquet(prompts_path, schema.with_images(schema.PROMPTS))
+        self.stored = {r["prompt_id"]: r["images"] or [] for r in rows}  # {"bytes", "path"} entries
+        self.images = {pid: open_images(entries) for pid, entries in self.stored.items()}  # for the reward
+
+    @staticmethod
+    def backend(name: str) -> str:
+        return "hf"  # a VLM samples through transformers' generate (vision/backend.py)
+
+    def generate_answers(
+        self, model_dir: str | os.PathLike, prompts: Sequence[EvalPrompt], params: EvaluateParams, label: str
+    ) -> list[Answer]:
+        """``params.n`` answers per image prompt, seeds keyed by prompt id (every model the same numbers)."""
+        timer = Timer(f"evaluate: generate {label}")
+        processor = load_processor(model_dir)
+        keys = [p.prompt_id for p in prompts]
+        requests = build_vision_requests(processor, [p.prompt for p in prompts], [self.stored[k] for k in keys],
+                                         keys, params.seed)  # fmt: skip
+        backend = VisionHFBackend.load(model_dir, params, processor)
+        try:
+            with tqdm(total=len(prompts), unit="prompt", desc=f"generate {label}") as bar:
+                samples = backend.generate(requests, params.n, bar.update)
+        finally:
+            backend.close()
+        answers = [Answer(keys[s.prompt_index], s.sample_idx, s.completion, s.n_tokens, s.finish_reason)
+                   for s in samples]  # fmt: skip
+        timer.summary(sum(a.n_tokens for a in answers), "tokens", samples=len(answers))
+        return answers
+
+    def _answer_logps(
+        self,
+        loaded: tuple[Any, VisionCompletionScorer],
+        prompts: Sequence[EvalPrompt],
+        answers: Sequence[Answer],
+        params: EvaluateParams,
+        dpo: DpoParams,
+        counts: Truncation | None = None,
+    ) -> list[float]:
+        """Summed log-probs of ``answers`` with their prompts' images under ``loaded`` (processor, scorer)."""
+        processor, scorer = loaded
+        seqs = encode_vision_answers(processor, prompts, self.stored, answers, dpo.max_length, counts)
+        pad = processor.tokenizer.pad_token_id
+        return vision_sequence_logps(scorer, seqs, params.batch_size, pad).tolist()
+
+    def policy_logps(
+        self,
+        dpo_dir: str | os.PathLike,
+        sft_dir: str | os.PathLike,
+        prompts: Sequence[EvalPrompt],
+        dpo_answers: Sequence[Answer],
+        pairs_path: str | os.PathLike,
+        ref_logps_path: str | os.PathLike,
+        params: EvaluateParams,
+        dpo: DpoParams,
+        truncation: dict[str, Truncation] | None = None,
+    ) -> tuple[Estimate, PairsResult]:
+        """KL(dpo || sft) on DPO's answers, and the implicit-reward accuracy on the eval pairs."""
+        timer = Timer("evaluate: log-probs")
+        answer_counts = Truncation()
+        processor, scorer = load_vision_scorer(dpo_dir, params.dtype)
+        dpo_logps = self._answer_logps((processor, scorer), prompts, dpo_answers, params, dpo, answer_counts)
+        pairs = read_vision_pairs(Path(pairs_path), processor, dpo.max_length)
+        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
+        policy = vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
+        del scorer  # one model in memory at a time
+        if truncation is not None:
+            truncation.update(answers=answer_counts, pairs=count_truncation(pairs))
+        sft_logps = self._answer_logps(
+            load_vision_scorer(sft_dir, params.dtype), prompts, dpo_answers, params, dpo
+        )
+        kl = kl_estimate(dpo_logps, sft_logps, [a.prompt_id for a in dpo_answers])
+        timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
+        return kl, pairs_metrics(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta)
+
+    def answers_kl(
+        self,
+        policy_dir: str | os.PathLike,
+        sft_dir: str | os.PathLike,
+        prompts: Sequence[EvalPrompt],
+        answers: Sequence[Answer],
+        params: EvaluateParams,
+        dpo: DpoParams,
+    ) -> Estimate:
+        """KL(policy || sft) on the policy's own answers (an earlier round's policy)."""
+        logps = [self._answer_logps(load_vision_scorer(d, params.dtype), prompts, answers, params, dpo)
+                 for d in (policy_dir, sft_dir)]  # fmt: skip
+        return kl_estimate(logps[0], logps[1], [a.prompt_id for a in answers])
+
+    @staticmethod
+    def forgetting(
+        models: Mapping[str, str | os.PathLike],
+        sft_data: str | os.PathLike | None,
+        params: EvaluateParams,
+        dpo: DpoParams,
+    ) -> dict[str, DemoNll]:
+        """:func:`alignpipe.evaluate.signals.forgetting` on SFT demonstrations with their images."""
+        if sft_data is None or params.forgetting_rows == 0:
+            return {}
+        rows = read_parquet(sft_data, schema.with_images(schema.SFT))[: params.forgetting_rows]
+        if not rows:
+            raise ArtifactError(f"{sft_data}: no SFT demonstrations for the forgetting signal")
+        timer, out = Timer("evaluate: forgetting NLL"), {}
+        for model, folder in models.items():
+            processor, scorer = load_vision_scorer(folder, params.dtype)
+            seqs = [_encode_demonstration(processor, r, dpo.max_length) for r in rows]
+            logps = vision_sequence_logps(scorer, seqs, params.batch_size, processor.tokenizer.pad_token_id)
+            tokens = sum(len(s.encoded.completion_ids) for s in seqs)
+            out[model] = DemoNll(-logps.sum().item() / tokens, tokens, len(seqs))
+        timer.summary(len(rows) * len(out), "sequences", **{m: round(r.nll, 4) for m, r in out.items()})
+        return out
+
+    @staticmethod
+    def preference_split(
+        dpo_dir: str | os.PathLike,
+        split_path: str | os.PathLike,
+        ref_logps_path: str | os.PathLike,
+        params: EvaluateParams,
+        dpo: DpoParams,
+    ) -> dict[str, Any] | None:
+        """:func:`alignpipe.evaluate.preferences.preference_split` on pairs with images."""
+        if not read_parquet(split_path, schema.PAIRS):
+            return None
+        processor, scorer = load_vision_scorer(dpo_dir, params.dtype)
+        pairs = read_vision_pairs(Path(split_path), processor, dpo.max_length)
+        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
+        policy = vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
+        truncation = count_truncation(pairs)
+        truncation.warn("evaluate", "preference-split pairs", DPO_LENGTH_KEYS)
+        return {
+            "source": params.preferences.source,
+            "pairs": len(pairs),
+            "beta": dpo.beta,
+            "sft": sft_figures(ref.chosen, ref.rejected),
+            "dpo": policy_figures(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta),
+            "reference": {"sft": SFT_REFERENCE, "dpo": "SFT (data/ref_logps.parquet, the ref_logps stage)"},
+            "truncation": truncation.as_dict(),
+        }
