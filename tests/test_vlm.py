@@ -87,7 +87,7 @@ def test_trainable_defaults_freeze_the_vision_tower_and_lora_targets_the_languag
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith(("model.language_model.", "lm_head.")) for n in trained)
     assert counts["trained"] + counts["frozen"] == sum(p.numel() for p in model.parameters())
-    set_trainable(model, "language_model_and_projector")
+    set_trainable(model, "language_model+projector")
     assert any("multi_modal_projector" in n for n, p in model.named_parameters() if p.requires_grad)
     assert not any("vision_tower" in n for n, p in model.named_parameters() if p.requires_grad)
     set_trainable(model, "all")

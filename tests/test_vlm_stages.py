@@ -279,5 +279,11 @@ def test_dpo_on_a_vlm_trains_the_language_model_and_resumes_after_a_kill(vlm_dir
 
 
 def test_dpo_on_a_vlm_refuses_what_it_does_not_run_yet(vlm_dir, vlm_dpo_inputs, tmp_path):
-    with pytest.raises(ValueError, match="dpo.peft.enabled, dpo.reference: live not supported yet"):
-        _vlm_dpo(vlm_dir, vlm_dpo_inputs, tmp_path / "r", peft={"enabled": True}, reference="live")
+    with pytest.raises(ValueError, match="dpo.peft.load_in_4bit, dpo.compile not supported yet"):
+        _vlm_dpo(
+            vlm_dir,
+            vlm_dpo_inputs,
+            tmp_path / "r",
+            peft={"enabled": True, "load_in_4bit": True},
+            compile=True,
+        )

@@ -68,6 +68,8 @@ LOSS_OPTIONS: dict[str, frozenset[str]] = {
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "sft"})  # they read no reference log-probs
 SORTED_ROW_LOSSES = frozenset({"aot", "aot_unpaired"})  # rows are batch quantiles: no per-pair weights
 LOSS_OPTION_NAMES = ("bco_delta", "discopop_tau", "simpo_gamma", "orpo_lambda")  # keys of dpo.loss_options
+# What sft / dpo train on a vision-language model (the text path ignores it): alignpipe.vision.models.
+VlmTrainable = Literal["language_model", "language_model+projector", "all"]
 UNPAIRED_FORMATS = ("auto", "trl", "hh")  # the formats with unpaired rows (data.unpaired.format)
 # The unpaired losses of ``alignpipe.core.kto.UNPAIRED_LOSSES``: they train on data/unpaired (one labelled
 # completion per example), so they are named alone, never in a list with the pair losses above.
@@ -264,6 +266,18 @@ class PeftParams(Section):
         return value
 
 
+def _vlm_trainable() -> Any:
+    return Field(
+        "language_model",
+        description="A vision-language model only (ignored for a text model): what trains. "
+        "'language_model': the vision tower and the projector frozen (LLaVA's freeze_vision_tower with "
+        "the projector frozen too); 'language_model+projector': the projector trains too (LLaVA's "
+        "tune_mm_mlp_adapter, on top of the language model); 'all': the vision tower too. With peft.enabled "
+        "the LoRA adapters stay in the language model's linear layers and the projector (and tower, with "
+        "'all') train in full (peft's modules_to_save).",
+    )
+
+
 class TrainParams(Section):
     """Settings shared by the two training stages (sft, dpo)."""
 
@@ -351,6 +365,7 @@ class SftParams(TrainParams):
         description="A Jinja chat template to install, for tokenizers that have none (null: the "
         "tokenizer's own).",
     )
+    vlm_trainable: VlmTrainable = _vlm_trainable()
 
 
 class SamplingParams(Section):
@@ -656,6 +671,7 @@ class DpoParams(TrainParams):
         description="LoRA instead of full fine-tuning (merged at the end; the adapter is kept), or QLoRA "
         "(load_in_4bit: the reference log-probs then come from the same 4-bit base).",
     )
+    vlm_trainable: VlmTrainable = _vlm_trainable()
     loss_type: LossName | UnpairedLossName | list[LossName | UnpairedLossName] = Field(
         default_factory=lambda: ["sigmoid", "sft"],
         description="The preference loss: 'sigmoid' is DPO; others: hinge, ipo, robust, exo_pair, "

@@ -128,7 +128,10 @@ def batch_logps(run: DpoRun, data: DpoPairs, index: list[int]) -> tuple[Any, Pai
         ref_c, ref_r = (t.to(device) for t in data.ref(index))
     else:
         with torch.no_grad(), run.accelerator.autocast():  # the policy's mixed precision
-            live = pair_logps(run.ref_scorer, batch)
+            if run.image_token is None:
+                live = pair_logps(run.ref_scorer, batch)
+            else:  # a VLM: the pairs' images through the reference's own tower
+                live = vision_pair_logps(run.ref_scorer, images)
         ref_c, ref_r = live.chosen_logps, live.rejected_logps
     return batch, policy, ref_c, ref_r
 

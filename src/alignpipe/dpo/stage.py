@@ -44,8 +44,10 @@ from alignpipe.dpo.tr_dpo import sync_reference
 from alignpipe.dpo.vision import (
     check_vision_dpo,
     load_vision_policy,
+    load_vision_reference,
     load_vision_split,
     load_vision_unpaired_split,
+    vision_peft,
 )
 from alignpipe.params import DpoParams
 from alignpipe.training.checkpoints import (
@@ -232,18 +234,24 @@ def build_run(
     eval_data = load(folder, "eval", ref_path, tokenizer, *lengths) if has_eval else None
     if not eval_data and params.early_stopping.metric != "off":
         raise ValueError(f"dpo.early_stopping watches the eval pairs, but {folder} has none")
-    model = (load_vision_policy if vision else load_model)(model_dir, numerics, acc.device)  # as ref_logps
+    if vision:  # as ref_logps loads it; what trains: dpo.vlm_trainable
+        model = load_vision_policy(model_dir, numerics, acc.device, params)
+    else:
+        model = load_model(model_dir, numerics, acc.device)
     if params.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    policy = vision_peft(model, params) if vision else apply_peft(model, params.peft)
     scorer_class = VisionCompletionScorer if vision else CompletionScorer
-    scorer = scorer_class(apply_peft(model, params.peft), head_all_positions=not options.completion_head)
+    scorer = scorer_class(policy, head_all_positions=not options.completion_head)
     scorer.train()
     router = router_weight(scorer.causal_lm.config, params.router_aux_loss_coef)
     scorer.route = router > 0
     row_tokens = pack_row_tokens(scorer)
     if params.compile:
         scorer.compile(dynamic=True)
-    ref = reference_scorer(model_dir, numerics, acc.device) if params.reference == "live" else None
+    ref = None
+    if params.reference == "live":
+        ref = (load_vision_reference if vision else reference_scorer)(model_dir, numerics, acc.device)
     if ref is not None:
         ref.head_all_positions = not options.completion_head
     # compiled graphs would specialise on each batch's segment lengths: keep the plain packed layout

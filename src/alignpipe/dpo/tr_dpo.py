@@ -1,7 +1,10 @@
 """TR-DPO (Gorbatovski et al. 2024): the live reference moves towards the policy every k steps,
-``ref <- alpha * policy + (1 - alpha) * ref``, with a LoRA policy's deltas added (not merged in place)."""
+``ref <- alpha * policy + (1 - alpha) * ref``, with a LoRA policy's deltas added (not merged in place) and
+the trained copies of its ``modules_to_save`` (a VLM's projector under LoRA) taken for the originals."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +31,7 @@ def merged_weights(model: nn.Module) -> dict[str, Tensor]:
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
             weights[f"{name}.weight"] = module.get_base_layer().weight + delta
     for name, param in base.named_parameters():
-        if "lora_" not in name:
-            weights.setdefault(name.replace(".base_layer", ""), param)
+        if "lora_" in name or ".original_module." in name:  # modules_to_save: the trained copy counts
+            continue
+        weights.setdefault(re.sub(r"\.modules_to_save\.[^.]+\.", ".", name.replace(".base_layer", "")), param)
     return weights

@@ -2,10 +2,10 @@
 
 The same Trainer, checkpoints, fingerprint, resume, curves and summary as the text path
 (:mod:`alignpipe.sft.trainer`); what differs: the processor renders each row with its images
-(:mod:`alignpipe.vision.sft`), the model loads as ``AutoModelForImageTextToText`` with its vision tower
-(and projector) frozen, LoRA goes on the language model only, and the folder written holds the
-processor. Not yet here: packing, QLoRA, a ``sft.trainable`` param (the default, language model only,
-is what runs).
+(:mod:`alignpipe.vision.sft`), the model loads as ``AutoModelForImageTextToText`` and trains what
+``sft.vlm_trainable`` names (by default the language model, the vision tower and projector frozen),
+LoRA goes on the language model only, and the folder written holds the processor. Not yet here:
+packing, QLoRA.
 """
 
 from __future__ import annotations
@@ -29,12 +29,7 @@ from alignpipe.training.checkpoints import resume_point
 from alignpipe.training.fingerprint import fingerprint
 from alignpipe.training.precision import weights_dtype
 from alignpipe.training.timed_save import TimedSave
-from alignpipe.vision.models import (
-    language_model_lora_targets,
-    load_image_text_model,
-    load_processor,
-    set_trainable,
-)
+from alignpipe.vision.models import apply_vision_lora, load_image_text_model, load_processor, set_trainable
 from alignpipe.vision.sft import VisionSftExample, collate_vision_sft, encode_vision_sft
 
 
@@ -73,21 +68,15 @@ def _collator(pad_token_id: int) -> Any:
 
 
 def build_vision_model(params: SftParams, paths: Any) -> Any:
-    """The VLM to train: its language model (full, or LoRA adapters on its linear layers only)."""
+    """The VLM to train: what ``sft.vlm_trainable`` names, in full, or LoRA adapters on the language
+    model's linear layers (with the projector, and the tower for ``all``, trained in full)."""
     if params.peft.load_in_4bit or params.packing:
         raise SftDataError(
             "sft on a vision-language model: sft.packing and sft.peft.load_in_4bit are not supported yet"
         )
     model = load_image_text_model(paths.model, weights_dtype(params))
-    set_trainable(model, "language_model")
-    if not params.peft.enabled:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    peft = params.peft
-    targets = language_model_lora_targets(model, peft.target_modules)
-    return get_peft_model(model, LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
-                                            target_modules=targets))  # fmt: skip
+    set_trainable(model, params.vlm_trainable)
+    return apply_vision_lora(model, params.peft, params.vlm_trainable) if params.peft.enabled else model
 
 
 def run_vision_sft(

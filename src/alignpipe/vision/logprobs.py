@@ -42,7 +42,12 @@ from alignpipe.core.logprobs import (
     shares_prompt,
 )
 from alignpipe.core.router import router_aux_loss, router_inputs
-from alignpipe.vision.models import VisionEncoded, encode_vision_completion, image_token_id
+from alignpipe.vision.models import (
+    VisionEncoded,
+    encode_vision_completion,
+    image_token_id,
+    load_image_text_model,
+)
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,17 @@ class VisionCompletionScorer(CompletionScorer):
         self.aux_loss = router_aux_loss(out, lm, attention_mask) if self.route else None
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         return self._head(flat[predict_index], target_ids, aligned)
+
+
+def vision_reference_scorer(model_dir: Path, numerics: Any, device: Any) -> VisionCompletionScorer:
+    """A frozen scorer of the VLM at ``model_dir`` in ``numerics``' weights (a
+    :class:`alignpipe.training.numerics.Numerics`; run it under its context): ``ref_logps`` and dpo's
+    live reference."""
+    if numerics.load_in_4bit:
+        raise ValueError(f"{model_dir}: a 4-bit base (dpo.peft.load_in_4bit) is not supported on a VLM yet")
+    scorer = VisionCompletionScorer(load_image_text_model(model_dir, numerics.weights, device)).eval()
+    scorer.requires_grad_(False)
+    return scorer
 
 
 def vision_pair_logps(scorer: nn.Module, batch: VisionPairBatch, aligned: bool = False) -> PairLogps:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +29,12 @@ from torch import Tensor, nn
 from alignpipe.core.chat import Encoded, Message, TruncationError, _completion_ids, _completion_text
 from alignpipe.core.models import ModelFolderError, check_model_folder, pick_device, resolve_dtype
 
-# Which parameters a VLM stage trains: the language model only (the default; LoRA then targets it
-# alone), the projector too, or everything (the vision tower as well).
-Trainable = Literal["language_model", "language_model_and_projector", "all"]
+if TYPE_CHECKING:
+    from alignpipe.params import PeftParams
+
+# Which parameters a VLM stage trains (``sft.vlm_trainable``, ``dpo.vlm_trainable``): the language model
+# only (the default; the tower and the projector frozen), the projector too, or everything.
+Trainable = Literal["language_model", "language_model+projector", "all"]
 # Processor outputs that are token-level (laid out by the collators), not per-image pixel inputs.
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
@@ -91,23 +95,65 @@ def load_image_text_model(
     return model.to(device)
 
 
-def set_trainable(model: nn.Module, trainable: Trainable = "language_model") -> dict[str, int]:
-    """Freeze what ``trainable`` leaves out (the vision tower, by default the projector too); returns
-    the trained and frozen parameter counts. The LM head and the token embeddings train with the LM."""
+def _language_and_vision(model: nn.Module) -> tuple[set[int], set[int]]:
+    """Ids of the language model's parameters (decoder, LM head, token embeddings) and the vision tower's;
+    the rest (the projector) is neither."""
     vision = model.get_encoder(modality="image")
     if vision is model:
         raise ValueError(f"{type(model).__name__}: no vision tower found (not a vision-language model?)")
-    frozen = set() if trainable == "all" else {id(p) for p in vision.parameters()}
-    if trainable == "language_model":
-        decoder = model.get_decoder()
-        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-        lm = {id(p) for m in (decoder, head, embed) if m is not None for p in m.parameters()}
-        frozen |= {id(p) for p in model.parameters() if id(p) not in lm}
+    decoder, head, embed = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+    lm = {id(p) for m in (decoder, head, embed) if m is not None for p in m.parameters()}
+    return lm, {id(p) for p in vision.parameters()}
+
+
+def set_trainable(model: nn.Module, trainable: Trainable = "language_model") -> dict[str, int]:
+    """Freeze what ``trainable`` leaves out (the vision tower unless ``all``, the projector too by
+    default); returns the trained and frozen parameter counts. The LM head and the token embeddings train
+    with the language model."""
+    if trainable not in typing.get_args(Trainable):
+        raise ValueError(f"vlm_trainable: {trainable!r} is none of {', '.join(typing.get_args(Trainable))}")
+    lm, vision = _language_and_vision(model)
+    trained = {id(p) for p in model.parameters()} if trainable == "all" else set(lm)
+    if trainable == "language_model+projector":
+        trained |= {id(p) for p in model.parameters() if id(p) not in vision}
     counts = {"trained": 0, "frozen": 0}
     for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
-        counts["trained" if id(p) not in frozen else "frozen"] += p.numel()
+        p.requires_grad_(id(p) in trained)
+        counts["trained" if id(p) in trained else "frozen"] += p.numel()
     return counts
+
+
+def fully_trained_modules(model: nn.Module, trainable: Trainable) -> list[str]:
+    """Full names of the largest modules outside the language model that ``trainable`` trains (the
+    projector; the vision tower too with ``all``): peft's ``modules_to_save`` when LoRA adapts the
+    language model. A parameter of such a part held by no module of its own is refused in one line."""
+    if trainable == "language_model":
+        return []
+    lm, vision = _language_and_vision(model)
+    wanted = {id(p) for p in model.parameters() if id(p) not in lm and (trainable == "all" or id(p) not in vision)}  # fmt: skip
+    names: list[str] = []
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        ids = {id(p) for p in module.parameters()}
+        if name and ids and ids <= wanted and not ids <= covered:
+            names.append(name)
+            covered |= ids
+    loose = [n for n, p in model.named_parameters() if id(p) in wanted and id(p) not in covered]
+    if loose:
+        raise ValueError(f"vlm_trainable {trainable} with LoRA: {loose[0]} belongs to no module peft can "
+                         "train in full (modules_to_save); use peft.enabled: false")  # fmt: skip
+    return names
+
+
+def apply_vision_lora(model: nn.Module, peft: PeftParams, trainable: Trainable) -> nn.Module:
+    """LoRA adapters on the language model's linear layers (``peft.target_modules`` among them), never the
+    tower, the projector or the LM head; what else ``trainable`` names trains in full (``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
+                        target_modules=language_model_lora_targets(model, peft.target_modules),
+                        modules_to_save=fully_trained_modules(model, trainable) or None)  # fmt: skip
+    return get_peft_model(model, config)
 
 
 def language_model_lora_targets(model: nn.Module, names: Sequence[str] | str = "all-linear") -> list[str]:

@@ -26,12 +26,12 @@ from alignpipe.core.progress import Timer
 from alignpipe.params import RefLogpsParams
 from alignpipe.training.numerics import Numerics
 from alignpipe.vision.logprobs import (
-    VisionCompletionScorer,
     VisionPair,
     read_vision_pairs,
     vision_pair_scores,
+    vision_reference_scorer,
 )
-from alignpipe.vision.models import load_image_text_model, load_processor
+from alignpipe.vision.models import load_processor
 from alignpipe.vision.unpaired import read_vision_unpaired_splits
 
 
@@ -53,15 +53,6 @@ def _zeros(pairs: list[Any]) -> PairScores:
     """Reference-free scores: every log-prob 0, the token counts the pairs' own."""
     counts = [(len(p.chosen.completion_ids), len(p.rejected.completion_ids)) for p in pairs]
     return PairScores.from_rows([p.pair_id for p in pairs], [(0.0, 0.0, c, r) for c, r in counts])
-
-
-def vision_reference_scorer(model_dir: Path, numerics: Numerics, device: Any) -> VisionCompletionScorer:
-    """A frozen scorer of the VLM at ``model_dir`` in ``numerics``' weights (run it under its context)."""
-    if numerics.load_in_4bit:
-        raise ValueError(f"{model_dir}: a 4-bit base (dpo.peft.load_in_4bit) is not supported on a VLM yet")
-    scorer = VisionCompletionScorer(load_image_text_model(model_dir, numerics.weights, device)).eval()
-    scorer.requires_grad_(False)
-    return scorer
 
 
 def run_vision_ref_logps(
