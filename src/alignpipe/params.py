@@ -270,9 +270,9 @@ def _vlm_trainable() -> Any:
     return Field(
         "language_model",
         description="A vision-language model only (ignored for a text model): what trains. "
-        "'language_model': the vision tower and the projector frozen (LLaVA's freeze_vision_tower with "
-        "the projector frozen too); 'language_model+projector': the projector trains too (LLaVA's "
-        "tune_mm_mlp_adapter, on top of the language model); 'all': the vision tower too. With peft.enabled "
+        "'language_model': the vision tower and the projector frozen (LLaMA-Factory's freeze_vision_tower "
+        "and freeze_multi_modal_projector); 'language_model+projector': the projector trains too, the tower "
+        "frozen (LLaVA-1.5's fine-tuning stage); 'all': the vision tower too. With peft.enabled "
         "the LoRA adapters stay in the language model's linear layers and the projector (and tower, with "
         "'all') train in full (peft's modules_to_save).",
     )
