@@ -187,15 +187,22 @@ def _losses(run) -> list[float]:
 
 
 def test_dpo_lora_on_a_vlm_moves_only_the_adapted_linears_and_the_projector(vlm_dir, dpo_inputs, tmp_path):
-    """dpo.peft on a VLM with vlm_trainable language_model+projector: step-1 loss ln 2 (LoRA adds exact
-    zeros), the adapter keeps the projector as modules_to_save, and the merged folder (loaded through the
-    Auto classes) differs from the SFT model only in the language model's adapted linears and the
-    projector."""
+    """dpo.peft on a VLM with vlm_trainable language_model+projector (activation checkpointing on, as by
+    default): step-1 loss ln 2 (LoRA adds exact zeros), the adapter keeps the projector as
+    modules_to_save, and the merged folder (loaded through the Auto classes) differs from the SFT model
+    only in the language model's adapted linears and the projector."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     run = tmp_path / "lora"
     peft = {"enabled": True, "r": 2, "alpha": 4, "dropout": 0.0}
-    summary = _dpo(vlm_dir, dpo_inputs, run, peft=peft, vlm_trainable="language_model+projector")
+    summary = _dpo(
+        vlm_dir,
+        dpo_inputs,
+        run,
+        peft=peft,
+        vlm_trainable="language_model+projector",
+        gradient_checkpointing=True,
+    )  # dpo's default
     assert summary["steps"] == 3 and _losses(run)[0] == pytest.approx(math.log(2), abs=1e-6)
     config = json.loads((run / "dpo/adapter/adapter_config.json").read_text())
     assert config["modules_to_save"] == ["model.multi_modal_projector"]
