@@ -114,7 +114,7 @@ def test_sample_logprobs_equal_the_hf_forward_with_the_same_image_and_not_anothe
     other = {"pred": [_image("blue")], "pblue": [_image("red")], "pgreen": [_image("red")],
              "ptwo": [_image("blue"), _image("red")]}  # fmt: skip
     gaps, moved = [], []
-    for row, ran in zip(rows, run["raw"] + run["greedy_raw"][len(rows) :], strict=False):
+    for row, ran in zip(rows, run["raw"], strict=True):
         for s in ran["samples"]:
             _, own = _logprob(hf, row, row["images"], s["token_ids"])
             _, swapped = _logprob(hf, row, other[row["prompt_id"]], s["token_ids"])
@@ -122,7 +122,10 @@ def test_sample_logprobs_equal_the_hf_forward_with_the_same_image_and_not_anothe
             moved.append(abs(swapped - s["cumulative_logprob"]))
     assert len(gaps) == len(rows) * run["n"]
     assert max(gaps) < LOGPROB_TOL, f"max gap {max(gaps):.2e}"
-    assert min(moved) > 10 * LOGPROB_TOL, f"a sample's log-prob ignores the image: {min(moved):.2e}"
+    print(f"max gap {max(gaps):.2e}, min moved {min(moved):.2e}")
+    # measured: every gap below 1e-4; moved 4.6e-3 for a one-token sample (EOS at once), 0.15-0.2 otherwise
+    assert min(moved) > LOGPROB_TOL, f"a sample's log-prob ignores the image: {min(moved):.2e}"
+    assert sorted(moved)[len(moved) // 2] > 100 * LOGPROB_TOL
 
 
 def test_greedy_answers_depend_on_the_image(run, hf):
@@ -147,8 +150,15 @@ def test_the_generate_stage_samples_on_vllm_and_resumes_by_chunks(run):
     rows = read_generations(run["out"] / "full")
     assert read_generations(run["out"] / "resumed") == rows
     by_key = {(run["prompt_ids"][s["prompt_index"]], s["sample_idx"]): s for s in run["samples"]}
-    assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == sorted(by_key, key=lambda k: (run["prompt_ids"].index(k[0]), k[1]))
+    assert [(r["prompt_id"], r["sample_idx"]) for r in rows] == sorted(
+        by_key, key=lambda k: (run["prompt_ids"].index(k[0]), k[1])
+    )
     for r in rows:
         s = by_key[r["prompt_id"], r["sample_idx"]]
-        assert (r["completion"], r["n_tokens"], r["seed"], r["backend"]) == (s["completion"], s["n_tokens"], s["seed"], "vllm")
+        assert (r["completion"], r["n_tokens"], r["seed"], r["backend"]) == (
+            s["completion"],
+            s["n_tokens"],
+            s["seed"],
+            "vllm",
+        )
         assert r["logprob"] == pytest.approx(s["logprob"], abs=1e-4)

@@ -28,8 +28,10 @@ def raw(backend, requests, n) -> list[dict]:
     return [
         dict(
             prompt_token_ids=list(out.prompt_token_ids),
-            samples=[dict(index=c.index, token_ids=list(c.token_ids), cumulative_logprob=c.cumulative_logprob)
-                     for c in sorted(out.outputs, key=lambda c: c.index)],  # fmt: skip
+            samples=[
+                dict(index=c.index, token_ids=list(c.token_ids), cumulative_logprob=c.cumulative_logprob)
+                for c in sorted(out.outputs, key=lambda c: c.index)
+            ],  # fmt: skip
         )
         for out in outputs
     ]
@@ -50,7 +52,9 @@ def main() -> None:
     params = GenerateParams(backend="vllm", n=N, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, chunk_prompts=2,
                             dtype="float32", seed=0)  # fmt: skip
     processor = load_processor(model_dir)
-    requests = build_vision_requests(processor, [r["prompt"] for r in rows], [r["images"] for r in rows], ids, 0)
+    requests = build_vision_requests(
+        processor, [r["prompt"] for r in rows], [r["images"] for r in rows], ids, 0
+    )
     backend = open_vision_backend(model_dir, params, processor, requests)
 
     def samples(n=N, **overrides):

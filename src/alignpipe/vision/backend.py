@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignpipe.core.chat import Message
-from alignpipe.core.chat import encode_ids
+from alignpipe.core.chat import Message, encode_ids
 from alignpipe.generation.base import (
     Backend,
     GenerationError,
@@ -96,7 +95,9 @@ class VisionVllmBackend(VllmBackend):
 
     def __init__(self, model_dir: str | os.PathLike, settings: SamplingParams, max_images: int = 1,
                  llm: Any = None) -> None:  # fmt: skip
-        super().__init__(model_dir, settings, llm, engine_extra={"limit_mm_per_prompt": {"image": max(1, max_images)}})
+        super().__init__(
+            model_dir, settings, llm, engine_extra={"limit_mm_per_prompt": {"image": max(1, max_images)}}
+        )
 
     def build_inputs(self, requests: Sequence[PromptRequest], n: int) -> tuple[list[Any], list[Any]]:
         return vision_vllm_inputs(requests, self.settings, n, self.sampling_params_cls)
