@@ -162,3 +162,17 @@ def test_the_generate_stage_samples_on_vllm_and_resumes_by_chunks(run):
             "vllm",
         )
         assert r["logprob"] == pytest.approx(s["logprob"], abs=1e-4)
+
+
+def test_evaluate_samples_its_answers_on_vllm_with_the_same_seeds(run):
+    """``evaluate.backend: vllm`` on a VLM: keyed by prompt id, the answers are generate's samples."""
+    assert run["eval_backend"] == "vllm"
+    answers = {(a["prompt_id"], a["sample_idx"]): a for a in run["eval_answers"]}
+    assert len(answers) == len(run["samples"])
+    for s in run["samples"]:
+        a = answers[run["prompt_ids"][s["prompt_index"]], s["sample_idx"]]
+        assert (a["completion"], a["n_tokens"], a["finish_reason"]) == (
+            s["completion"],
+            s["n_tokens"],
+            s["finish_reason"],
+        )

@@ -5,7 +5,7 @@
 One engine start serves the sampling checks (N samples per image prompt at T=1, a rerun, greedy), with
 the engine's own outputs (expanded prompt token ids, sampled ids, cumulative log-probs) for the test to
 compare with transformers; then the ``generate`` stage runs twice on vLLM (straight, and resumed after
-its second chunk is deleted) with the same settings.
+its second chunk is deleted) with the same settings, and ``evaluate``'s answers are sampled on vLLM.
 """
 
 from __future__ import annotations
@@ -78,6 +78,17 @@ def main() -> None:
     (resumed / "manifest.json").unlink()
     (resumed / "chunk-00001.parquet").unlink()
     result["stage_resumed"] = run_generate(model_dir, prompts_path, resumed, params, progress=False)
+    # evaluate's sampling on the same settings and keys (its own engine start): the same answers
+    from alignpipe.evaluate.results import EvalPrompt
+    from alignpipe.evaluate.vision import VisionEvaluation
+    from alignpipe.params import EvaluateParams
+
+    ev = EvaluateParams(backend="vllm", n=N, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=params.top_p,
+                        top_k=params.top_k, dtype="float32", seed=0)  # fmt: skip
+    evaluation = VisionEvaluation(prompts_path)
+    result["eval_backend"] = evaluation.backend(ev.backend)
+    prompts = [EvalPrompt(r["prompt_id"], r["prompt"], None, None) for r in rows]
+    result["eval_answers"] = [asdict(a) for a in evaluation.generate_answers(model_dir, prompts, ev, "sft")]
     (out_dir / "out.json").write_text(json.dumps(result))
 
 
