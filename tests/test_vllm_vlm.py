@@ -176,3 +176,36 @@ def test_evaluate_samples_its_answers_on_vllm_with_the_same_seeds(run):
             s["n_tokens"],
             s["finish_reason"],
         )
+
+
+def test_dvc_repro_of_the_vlm_dag_from_the_vllm_env_samples_generate_and_evaluate_on_vllm(
+    vllm_python,  # noqa: F811
+    tmp_path,
+):
+    """tests/test_vlm_pipeline.py's DAG (coloured squares, exact reward) run from ``.venv-vllm`` with
+    ``generate.backend`` and ``evaluate.backend`` vllm: SFT's output is a folder vLLM loads (the tiny
+    base is in llava-hf's layout, and transformers saves it so again)."""
+    from test_vllm_engine import vllm_dvc
+    from test_vlm_pipeline import REWARD_MODULE, TINY_VLM_PIPELINE, _reward_in_deps, _write_data
+    from workspace import make_workspace, ran_stages
+
+    vlm = save_tiny_vlm(
+        tmp_path / "tiny_vlm", 0, hidden_size=64, num_attention_heads=2, num_key_value_heads=1
+    )
+    params = {**TINY_VLM_PIPELINE, "base_model": {"source": str(vlm)}}
+    params["generate"] = {**params["generate"], "backend": "vllm"}
+    params["evaluate"] = {**params["evaluate"], "backend": "vllm"}
+    ws = make_workspace(tmp_path / "ws", params)
+    _write_data(ws)
+    (ws / "colour_reward.py").write_text(REWARD_MODULE)
+    _reward_in_deps(ws)
+    proc = vllm_dvc(vllm_python, ws, "repro")
+    log = proc.stdout + proc.stderr
+    assert {"sft", "generate", "score", "dpo", "evaluate"} <= set(ran_stages(proc.stdout))
+    assert log.count("Initializing a V1 LLM engine") == 3, "generate, then evaluate's SFT and DPO"
+    assert json.loads((ws / "reports/generate.json").read_text())["backend"] == "vllm"
+    rows = read_generations(ws / "data/generations")
+    assert len(rows) == 6 * 4 and all(r["backend"] == "vllm" and r["logprob"] is not None for r in rows)
+    metrics = json.loads((ws / "reports/eval.json").read_text())
+    assert metrics["sft"]["samples"] == 6 and metrics["dpo"]["samples"] == 6
+    assert "backend vllm" in (ws / "reports/eval.md").read_text()
