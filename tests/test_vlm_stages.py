@@ -80,11 +80,39 @@ def test_generate_on_a_vlm_samples_n_per_image_prompt_and_resumes(vlm_dir, image
     assert read_generations(resumed) == rows
 
 
-def test_generate_on_a_vlm_refuses_vllm(vlm_dir, image_prompts, tmp_path):
+def test_generate_on_a_vlm_with_vllm_needs_vllm_importable(vlm_dir, image_prompts, tmp_path, monkeypatch):
+    """The text path's rule: ``backend: vllm`` where vLLM does not import is one line (no hf fallback)."""
+    from alignpipe.generation import base
     from alignpipe.generation.base import GenerationError
 
-    with pytest.raises(GenerationError, match="backend: hf only"):
+    monkeypatch.setattr(base, "vllm_importable", lambda: False)
+    with pytest.raises(GenerationError, match="backend 'vllm' needs vLLM"):
         run_generate(vlm_dir, image_prompts, tmp_path / "g", _params(backend="vllm"), progress=False)
+
+
+def test_vllm_requests_carry_token_ids_with_one_placeholder_per_image_and_the_pil_images(vlm_dir):
+    """What goes into ``LLM.generate`` for a VLM (tests/test_vllm_vlm.py runs it on the real engine)."""
+    from alignpipe.params import SamplingParams
+    from alignpipe.vision.backend import build_vision_requests, vision_vllm_inputs
+    from alignpipe.vision.models import load_processor
+
+    processor = load_processor(vlm_dir)
+    red, blue = ({"bytes": square_png(COLOURS[c]), "path": None} for c in ("red", "blue"))
+    prompts, images = [QUESTION, QUESTION, QUESTION], [[red], [red, blue], []]
+    requests = build_vision_requests(processor, prompts, images, ["a", "b", "c"], seed=3)
+    settings = SamplingParams(backend="vllm", temperature=0.7, top_k=5, max_new_tokens=6, stop=["x"])
+    inputs, params = vision_vllm_inputs(requests, settings, 4, dict)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert [p["prompt_token_ids"].count(image_token) for p in inputs] == [1, 2, 0]
+    for p, req in zip(inputs, requests, strict=True):
+        assert processor.tokenizer.decode(p["prompt_token_ids"]) == req.text  # the chat template's text
+        assert req.text.endswith("<|im_start|>assistant\n") and req.text.count("<image>") == len(req.images)
+    assert "multi_modal_data" not in inputs[2]
+    pixels = [[im.getpixel((0, 0)) for im in p["multi_modal_data"]["image"]] for p in inputs[:2]]
+    assert pixels == [[COLOURS["red"]], [COLOURS["red"], COLOURS["blue"]]]
+    assert [p["seed"] for p in params] == [derive_seed(3, k) for k in "abc"]
+    assert all(p["n"] == 4 and p["temperature"] == 0.7 and p["top_k"] == 5 and p["max_tokens"] == 6
+               and p["stop"] == ["x"] and p["logprobs"] == 0 for p in params)  # fmt: skip
 
 
 def _generations(out, answers: dict[str, list[str]]):

@@ -52,7 +52,7 @@ from alignpipe.core.progress import Timer
 from alignpipe.generation.base import Backend, PromptRequest, build_requests, resolve_backend
 from alignpipe.generation.load import load_chat_tokenizer, loaded_backend
 from alignpipe.params import GenerateParams
-from alignpipe.vision.backend import VisionHFBackend, build_vision_requests
+from alignpipe.vision.backend import build_vision_requests, open_vision_backend
 from alignpipe.vision.models import is_vision_model_folder, load_processor
 
 # Settings that change speed or memory but not the samples: changing them keeps finished chunks.
@@ -172,7 +172,7 @@ def run_generate(
     vision = is_vision_model_folder(model_dir)  # dispatched once, on the model's config
     prompt_ids, prompts, images = _load_prompts(prompts_path, vision)
     tokenizer = load_processor(model_dir) if vision else load_chat_tokenizer(model_dir)
-    backend_name = "hf" if vision else resolve_backend(params.backend)  # a VLM: hf only (vision/backend.py)
+    backend_name = resolve_backend(params.backend)
     if vision:
         requests = build_vision_requests(tokenizer, prompts, images, prompt_ids, params.seed)
     else:
@@ -184,7 +184,7 @@ def run_generate(
     timer = Timer("generate" if shard is None else f"generate shard {shard}/{params.num_shards}")
     new_rows: list[dict[str, Any]] = []
     if todo:
-        opened = (contextlib.closing(VisionHFBackend.load(model_dir, params, tokenizer)) if vision
+        opened = (contextlib.closing(open_vision_backend(model_dir, params, tokenizer, requests)) if vision
                   else loaded_backend(model_dir, params, tokenizer))  # fmt: skip
         with opened as backend:
             for chunk, rows in _sample_chunks(backend, requests, prompt_ids, todo, params.n, timer, progress):

@@ -58,14 +58,15 @@ def tiny_vlm_processor() -> Any:
     )
 
 
-def tiny_vlm(processor: Any, seed: int = 0) -> Any:
-    """A LlavaForConditionalGeneration of about 150k parameters, on sdpa."""
+def tiny_vlm(processor: Any, seed: int = 0, **text_overrides: Any) -> Any:
+    """A LlavaForConditionalGeneration of about 150k parameters, on sdpa (``text_overrides``: fields of
+    the Llama's config, e.g. the head size 32 that vLLM's CPU attention needs)."""
     import torch
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = processor.tokenizer
-    text = tiny_config(len(tokenizer))
+    text = tiny_config(len(tokenizer), **text_overrides)
     text.bos_token_id, text.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     text.pad_token_id = tokenizer.pad_token_id
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -101,16 +102,33 @@ def colour_reward(prompts: list, completions: list[str], images: list[list[Any]]
     return [float(answer.strip().lower() == t) for answer, t in zip(completions, truth, strict=True)]
 
 
-def save_tiny_vlm(out_dir: str | Path, seed: int = 0) -> Path:
+def save_tiny_vlm(out_dir: str | Path, seed: int = 0, **text_overrides: Any) -> Path:
     """Write the tiny VLM folder (safetensors, processor, tokenizer, chat template, generation config)."""
     out_dir = Path(out_dir)
     processor = tiny_vlm_processor()
-    model = tiny_vlm(processor, seed=seed)
+    model = tiny_vlm(processor, seed=seed, **text_overrides)
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    to_checkpoint_layout(out_dir / "model.safetensors")
     return out_dir
+
+
+def to_checkpoint_layout(weights: Path) -> None:
+    """Rename the CLIP tower's weights to the layout of llava-hf checkpoints (``vision_tower.vision_model.*``).
+
+    transformers 5 keeps the CLIP tower without its ``vision_model`` prefix in memory and, for a model built
+    from a config (no checkpoint loaded), saves it so (``vision_tower.embeddings.*``); vLLM 0.32 rejects that
+    folder ("There is no module or parameter named 'vision_tower.embeddings'"). transformers loads both
+    layouts, and a model loaded from this one saves it again (so ``sft`` and ``dpo`` outputs keep it)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    state = {(k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+              if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+             for k, v in state.items()}  # fmt: skip
+    save_file(state, weights, metadata={"format": "pt"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,8 +4,8 @@ The same measurements and reports as for text (:mod:`alignpipe.evaluate.stage`),
 images (``eval_prompts.parquet``'s ``images`` column, written by ``prepare``):
 
 - answers are sampled as ``generate`` samples a VLM (:mod:`alignpipe.vision.backend`: the processor's
-  chat template, transformers' ``generate`` with the pixel inputs, seeds keyed by prompt id, so SFT and
-  DPO draw the same numbers);
+  chat template, transformers' ``generate`` with the pixel inputs or vLLM's ``multi_modal_data`` as
+  ``evaluate.backend`` says, seeds keyed by prompt id, so SFT and DPO draw the same numbers);
 - a ``python`` reward gets ``images=`` (per answer, its prompt's images), as in ``score``;
 - KL(dpo || sft) on DPO's answers and the forgetting NLL of SFT demonstrations (``sft.parquet`` with its
   images) go through :func:`alignpipe.vision.logprobs.vision_sequence_logps`; the eval pairs and a
@@ -35,7 +35,7 @@ from alignpipe.evaluate.compare import kl_estimate, pairs_metrics
 from alignpipe.evaluate.preferences import SFT_REFERENCE, policy_figures, sft_figures
 from alignpipe.evaluate.results import Answer, DemoNll, Estimate, EvalPrompt, PairsResult
 from alignpipe.params import DpoParams, EvaluateParams
-from alignpipe.vision.backend import VisionHFBackend, build_vision_requests
+from alignpipe.vision.backend import build_vision_requests, open_vision_backend
 from alignpipe.vision.logprobs import (
     VisionCompletionScorer,
     read_vision_pairs,
@@ -109,7 +109,9 @@ class VisionEvaluation:
 
     @staticmethod
     def backend(name: str) -> str:
-        return "hf"  # a VLM samples through transformers' generate (vision/backend.py)
+        from alignpipe.generation.base import resolve_backend
+
+        return resolve_backend(name)  # as for text: hf (transformers' generate) or vllm (multi_modal_data)
 
     def generate_answers(
         self, model_dir: str | os.PathLike, prompts: Sequence[EvalPrompt], params: EvaluateParams, label: str
@@ -120,7 +122,7 @@ class VisionEvaluation:
         keys = [p.prompt_id for p in prompts]
         requests = build_vision_requests(processor, [p.prompt for p in prompts], [self.stored[k] for k in keys],
                                          keys, params.seed)  # fmt: skip
-        backend = VisionHFBackend.load(model_dir, params, processor)
+        backend = open_vision_backend(model_dir, params, processor, requests)
         try:
             with tqdm(total=len(prompts), unit="prompt", desc=f"generate {label}") as bar:
                 samples = backend.generate(requests, params.n, bar.update)

@@ -141,11 +141,18 @@ def parse_outputs(outputs: Sequence[Any], requests: Sequence[PromptRequest], n: 
 
 
 class VllmBackend:
-    """Offline ``vllm.LLM`` engine; one ``generate`` call per list of requests."""
+    """Offline ``vllm.LLM`` engine; one ``generate`` call per list of requests (``engine_extra``: more
+    ``vllm.LLM`` arguments, e.g. ``limit_mm_per_prompt`` for a vision-language model)."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | os.PathLike, settings: SamplingParams, llm: Any = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        settings: SamplingParams,
+        llm: Any = None,
+        engine_extra: dict[str, Any] | None = None,
+    ) -> None:
         try:
             import vllm
         except ImportError as exc:  # resolve_backend checks first; this guards direct use
@@ -156,10 +163,15 @@ class VllmBackend:
         if llm is None and self.device == "cpu":
             check_cpu_head_size(model_dir)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)  # read by the engine process
-        self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(model_dir, settings, self.device))
+        kwargs = {**engine_kwargs(model_dir, settings, self.device), **(engine_extra or {})}
+        self.llm = llm if llm is not None else vllm.LLM(**kwargs)
+
+    def build_inputs(self, requests: Sequence[PromptRequest], n: int) -> tuple[list[Any], list[Any]]:
+        """The ``prompts`` and ``sampling_params`` of ``LLM.generate`` (an image backend sends its images)."""
+        return build_inputs(requests, self.settings, n, self.sampling_params_cls)
 
     def generate(self, requests: Sequence[PromptRequest], n: int, progress: Any = None) -> list[Sample]:
-        prompts, params = build_inputs(requests, self.settings, n, self.sampling_params_cls)
+        prompts, params = self.build_inputs(requests, n)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         samples = parse_outputs(outputs, requests, n)
         if progress is not None:

@@ -3,11 +3,13 @@
 Prompts carry their images (``prompts.parquet``'s ``images`` column, written by ``prepare``); each is
 rendered once through the processor's chat template (:func:`build_vision_requests`, image parts before
 the first user text) and sampled ``n`` times with :func:`alignpipe.vision.generate.sample_with_images`
-(transformers' ``generate``, pixel inputs prefilled with the prompt), under the seed rule of
-:mod:`alignpipe.generation.base`. The samples are the text path's :class:`Sample` rows, so the
-generations artifact keeps its schema: images stay in ``prompts.parquet`` and later stages join them
-by ``prompt_id`` (no image bytes copied per sample). Not built yet: vLLM's ``multi_modal_data`` and
-``stop`` strings on a VLM (both refused in one line).
+(transformers' ``generate``, pixel inputs prefilled with the prompt), or, with ``backend: vllm``, sent
+to vLLM as one request per prompt (:class:`VisionVllmBackend`: its token ids with one image placeholder
+per image, ``multi_modal_data={"image": [PIL images]}`` and ``SamplingParams(n=N)``; vLLM expands each
+placeholder to the image's feature tokens), under the seed rule of :mod:`alignpipe.generation.base`.
+The samples are the text path's :class:`Sample` rows, so the generations artifact keeps its schema:
+images stay in ``prompts.parquet`` and later stages join them by ``prompt_id`` (no image bytes copied
+per sample). Not built yet: ``stop`` strings with the hf backend (refused in one line; vLLM has them).
 """
 
 from __future__ import annotations
@@ -17,11 +19,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignpipe.core.chat import Message
-from alignpipe.generation.base import GenerationError, Progress, PromptRequest, Sample, derive_seed
+from alignpipe.core.chat import Message, encode_ids
+from alignpipe.generation.base import (
+    Backend,
+    GenerationError,
+    Progress,
+    PromptRequest,
+    Sample,
+    derive_seed,
+    resolve_backend,
+)
+from alignpipe.generation.vllm import VllmBackend, sampling_kwargs
 from alignpipe.params import SamplingParams
 from alignpipe.vision.generate import sample_with_images
-from alignpipe.vision.models import image_parts, load_image_text_model
+from alignpipe.vision.models import image_parts, load_image_text_model, open_images
 
 
 @dataclass(frozen=True)
@@ -40,13 +51,56 @@ def build_vision_requests(
     seed: int,
 ) -> list[VisionRequest]:
     """Each prompt rendered once through the processor's chat template (its ``text`` is what the
-    fingerprint hashes; the prompt id covers the images' bytes), with its seed and images."""
+    fingerprint hashes; the prompt id covers the images' bytes), with its seed and images. ``token_ids``
+    are the text's tokens, one image placeholder per image (not expanded: vLLM expands them)."""
     out = []
     for prompt, imgs, key in zip(prompts, images, keys, strict=True):
         text = processor.apply_chat_template(image_parts(prompt, len(imgs)), tokenize=False,
                                              add_generation_prompt=True)  # fmt: skip
-        out.append(VisionRequest(text, [], derive_seed(seed, key), list(prompt), list(imgs)))
+        ids = encode_ids(processor.tokenizer, text)
+        out.append(VisionRequest(text, ids, derive_seed(seed, key), list(prompt), list(imgs)))
     return out
+
+
+def open_vision_backend(
+    model_dir: str | os.PathLike, settings: SamplingParams, processor: Any, requests: Sequence[PromptRequest]
+) -> Backend:
+    """The backend ``settings.backend`` resolves to (as for text), loaded for these image ``requests``."""
+    if resolve_backend(settings.backend) == "vllm":
+        max_images = max((len(r.images) for r in requests if isinstance(r, VisionRequest)), default=1)
+        return VisionVllmBackend(model_dir, settings, max_images)
+    return VisionHFBackend.load(model_dir, settings, processor)
+
+
+def vision_vllm_inputs(
+    requests: Sequence[PromptRequest], settings: SamplingParams, n: int, sampling_params_cls: Any
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The ``prompts`` and per-prompt ``sampling_params`` lists of ``LLM.generate`` for image requests:
+    ``{"prompt_token_ids", "multi_modal_data": {"image": [PIL images]}}`` (no images: token ids only)."""
+    prompts: list[dict[str, Any]] = []
+    for r in requests:
+        if not isinstance(r, VisionRequest):
+            raise GenerationError("a vision-language model needs requests built by build_vision_requests")
+        prompt: dict[str, Any] = {"prompt_token_ids": list(r.token_ids)}
+        if r.images:
+            prompt["multi_modal_data"] = {"image": open_images(r.images)}
+        prompts.append(prompt)
+    params = [sampling_params_cls(**sampling_kwargs(settings, n, r.seed)) for r in requests]
+    return prompts, params
+
+
+class VisionVllmBackend(VllmBackend):
+    """N samples per image prompt from vLLM: the text backend's engine, settings, seeds and output checks,
+    with ``limit_mm_per_prompt`` and :func:`vision_vllm_inputs` for the requests."""
+
+    def __init__(self, model_dir: str | os.PathLike, settings: SamplingParams, max_images: int = 1,
+                 llm: Any = None) -> None:  # fmt: skip
+        super().__init__(
+            model_dir, settings, llm, engine_extra={"limit_mm_per_prompt": {"image": max(1, max_images)}}
+        )
+
+    def build_inputs(self, requests: Sequence[PromptRequest], n: int) -> tuple[list[Any], list[Any]]:
+        return vision_vllm_inputs(requests, self.settings, n, self.sampling_params_cls)
 
 
 class VisionHFBackend:
@@ -59,14 +113,10 @@ class VisionHFBackend:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, settings: SamplingParams, processor: Any) -> VisionHFBackend:
-        if settings.backend == "vllm":
-            raise GenerationError(
-                f"{model_dir}: a vision-language model samples with backend: hf only for now "
-                "(vLLM's multi_modal_data is not wired yet)"
-            )
         if settings.stop:
             raise GenerationError(
-                f"{model_dir}: stop strings are not supported on a vision-language model yet"
+                f"{model_dir}: stop strings on a vision-language model need backend: vllm "
+                "(the hf backend has none yet)"
             )
         return cls(load_image_text_model(model_dir, settings.dtype).eval(), processor, settings)
 

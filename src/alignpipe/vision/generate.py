@@ -6,7 +6,7 @@ of :mod:`alignpipe.generation.base`: sample ``j`` of a prompt uses ``prompt_seed
 depend on the other samples. ``logprob`` is the sum of the sampled tokens' log-probs under the model's
 raw distribution (before temperature), the closing EOS included. ``generate`` prefills each sample
 alone (it would expand the pixel inputs per returned sequence anyway): the vision tower runs once per
-sample here; a shared prefill (the custom HF loop, vLLM's ``multi_modal_data``) is not built yet.
+sample here (vLLM, ``backend: vllm``, prefills a prompt once for its N samples: :mod:`alignpipe.vision.backend`).
 """
 
 from __future__ import annotations
