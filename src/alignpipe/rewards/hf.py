@@ -56,13 +56,17 @@ class HFReward:
     def encode(self, prompt: list[Message], completion: str) -> tuple[list[int], str | None]:
         """Token ids of the conversation, cut to ``max_length`` inside its text (never its template),
         and what was cut: None, ``"prompt"``, ``"completion"`` or ``"both"``."""
+        conversation, cut = self.fit(prompt, completion)
+        return self._ids(conversation), cut
+
+    def fit(self, prompt: list[Message], completion: str) -> tuple[list[Message], str | None]:
+        """The conversation cut to ``max_length`` tokens (:meth:`_n_tokens`) and what was cut."""
         conversation = [*prompt, {"role": "assistant", "content": completion}]
-        ids = self._ids(conversation)
-        if len(ids) <= self.max_length:
-            return ids, None
+        if self._n_tokens(conversation) <= self.max_length:
+            return conversation, None
         cut = fit_prompt(self._n_tokens, conversation, self.max_length)
         if cut is not None:
-            return self._ids(cut), "prompt"
+            return cut, "prompt"
         # even an empty user turn leaves no room: keep the system messages, cut the completion's end
         minimal = [m for m in prompt if m.get("role") == "system"]
         minimal += [{"role": "user", "content": ""}] if any(m.get("role") == "user" for m in prompt) else []
@@ -74,7 +78,7 @@ class HFReward:
                 f"the reward model's chat template and the system prompt take {header} tokens: nothing of the "
                 f"completion is left within reward.max_length={self.max_length}; raise reward.max_length"
             )
-        return self._ids(short), "both"
+        return short, "both"
 
     def _ids(self, conversation: list[Message]) -> list[int]:
         return encode_ids(self.tokenizer, self.tokenizer.apply_chat_template(conversation, tokenize=False))
@@ -83,8 +87,17 @@ class HFReward:
         return len(self._ids(conversation))
 
     def score(
-        self, prompts: Sequence[list[Message]], completions: Sequence[str], metas: Sequence[str | None]
+        self,
+        prompts: Sequence[list[Message]],
+        completions: Sequence[str],
+        metas: Sequence[str | None],
+        images: Sequence[list[Any]] | None = None,
     ) -> list[RewardResult]:
+        if images is not None and any(images):
+            raise RewardError(
+                f"reward.model {self.name[3:]!r} is a text reward model and the prompts have images it would "
+                "not see; give a vision-language reward model (a config with vision_config) or a python reward"
+            )
         encoded = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             try:

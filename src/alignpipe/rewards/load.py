@@ -20,11 +20,11 @@ def get_reward(params: RewardParams, trained: Path | None = None) -> Reward:
 
         return PythonReward(str(params.function))
     if params.kind in ("hf", "trained"):
-        from alignpipe.rewards.hf import HFReward
+        from alignpipe.rewards.hf_vision import hf_reward
 
         if params.kind == "trained" and trained is None:
             raise RewardError("reward.kind 'trained' needs the reward_model stage's folder (--reward-model)")
-        return HFReward(
+        return hf_reward(
             str(params.model if params.kind == "hf" else trained),
             max_length=params.max_length,
             batch_size=params.batch_size,
