@@ -1,7 +1,8 @@
 """Rewards: one interface, three kinds (``reward.kind`` in params.yaml).
 
 - ``hf``: an ``AutoModelForSequenceClassification`` reward model with one output
-  (Skywork-Reward style), run on the conversation rendered with its own chat template;
+  (Skywork-Reward style), run on the conversation rendered with its own chat template; a
+  vision-language one (``vision_config``) with its processor and the prompts' images;
 - ``builtin``: the built-in task's verifier, fed the prompt's constraint spec (``meta``);
 - ``python``: a user function ``module:function(prompts, completions) -> list[float]``.
 
@@ -94,7 +95,7 @@ def score_completions(
 
     ``metas`` are the prompts' ``meta`` column (the builtin reward needs it); ``labels`` name the
     rows in error messages (e.g. ``"(bi-prompt-000003, 2)"``), default their index. ``images``: per
-    completion, its prompt's images (PIL), passed as ``images=`` (a ``python`` reward of VLM prompts).
+    completion, its prompt's images (PIL), passed as ``images=`` (a ``python`` or VLM ``hf`` reward).
     """
     n = len(completions)
     metas = [None] * n if metas is None else list(metas)
