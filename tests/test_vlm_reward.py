@@ -98,6 +98,12 @@ def test_truncation_cuts_text_only_and_is_counted(folder):
     assert (inputs["input_ids"] == reward.model.config.image_token_id).sum() == 4  # the image's 4 tokens stay
     res = score_completions(reward, PROMPTS[:1], ["red " * 40], images=[[square(RED)]])[0]
     assert res.details["truncated_part"] == "prompt" and res.details["tokens"] <= reward.max_length
+    # even an empty user text leaves no room: the completion loses its end too, the image stays
+    empty = [{"role": "user", "content": ""}]
+    reward.max_length = reward.encode_row(empty, "red red", [square(RED)])[0]["input_ids"].shape[1]
+    inputs, cut = reward.encode_row(PROMPTS[0], "red " * 40, [square(RED)])
+    assert cut == "both" and inputs["input_ids"].shape[1] <= reward.max_length
+    assert (inputs["input_ids"] == reward.model.config.image_token_id).sum() == 4
 
 
 def test_missing_images_or_processor_fail_in_one_line(folder, tmp_path):
