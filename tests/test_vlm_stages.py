@@ -315,3 +315,39 @@ def test_dpo_on_a_vlm_refuses_what_it_does_not_run_yet(vlm_dir, vlm_dpo_inputs, 
             peft={"enabled": True, "load_in_4bit": True},
             compile=True,
         )
+
+
+def test_score_passes_the_images_to_an_hf_vlm_reward_model(image_prompts, tmp_path):
+    """reward.kind hf with a VLM reward model (tiny Gemma3 classifier): the score stage's rewards equal
+    the reward called directly with each answer's own prompt images, and differ from the same answers
+    scored against another prompt's image (the stage really passes the images)."""
+    from alignpipe.params import RewardParams
+    from alignpipe.rewards.base import score_completions
+    from alignpipe.rewards.load import get_reward
+    from alignpipe.score import prompt_images, score
+    from alignpipe.testing_vlm_reward import save_tiny_gemma3_reward
+
+    folder = save_tiny_gemma3_reward(tmp_path / "rm")
+    answers = {"pred": ["red", "blue"], "pgreen": [" Green", "red"], "pblue": ["blue", "a square"]}
+    gens = _generations(tmp_path / "generations", answers)
+    params = RewardParams(kind="hf", model=str(folder), batch_size=2)
+    score(gens, image_prompts, tmp_path / "scored.parquet", tmp_path / "score.json", params)
+    rows = read_parquet(tmp_path / "scored.parquet")
+    prompts = {r["prompt_id"]: r["prompt"] for r in read_parquet(image_prompts, with_images(PROMPTS))}
+    images = prompt_images(image_prompts)
+    assert images is not None
+
+    def direct(image_of):
+        reward = get_reward(params)
+        try:
+            results = score_completions(reward, [prompts[r["prompt_id"]] for r in rows],
+                                        [r["completion"] for r in rows], [None] * len(rows),
+                                        images=[images[image_of(r)] for r in rows])  # fmt: skip
+        finally:
+            reward.close()
+        return [res.reward for res in results]
+
+    own = direct(lambda r: r["prompt_id"])
+    assert [r["reward"] for r in rows] == pytest.approx(own, abs=1e-5)
+    swapped = direct(lambda r: "pblue" if r["prompt_id"] != "pblue" else "pred")
+    assert max(abs(a - b) for a, b in zip(own, swapped, strict=True)) > 1e-3

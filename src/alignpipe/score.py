@@ -39,7 +39,7 @@ def score_rows(
     images: dict[str, list[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Scored rows (SCORED columns) for ``generations``; ``prompts`` maps prompt_id to its PROMPTS row,
-    ``images`` (VLM prompts, a python reward) to its opened images, passed per completion (shared)."""
+    ``images`` (VLM prompts; every reward but builtin) to its opened images, passed per completion (shared)."""
     for row in generations:
         if row["prompt_id"] not in prompts:
             raise ArtifactError(f"generations: prompt_id {row['prompt_id']!r} is not in the prompts file")
@@ -98,7 +98,9 @@ def score(
     ``reward_model``: the reward_model stage's folder, scored with by ``reward.kind: trained``."""
     prompt_rows = read_parquet(prompts_path, schema.PROMPTS)
     prompts = {r["prompt_id"]: r for r in prompt_rows}
-    images = prompt_images(prompts_path) if params.kind == "python" else None  # a VLM: python only
+    # VLM prompts: their images go to every reward but the built-in verifier (text tasks); a text hf
+    # or trained model then refuses in one line rather than score answers without their image
+    images = prompt_images(prompts_path) if params.kind != "builtin" else None
     position = {pid: i for i, pid in enumerate(prompts)}
     generations = read_generations(generations_dir)  # checked complete: every prompt has its n samples
     if not generations:
