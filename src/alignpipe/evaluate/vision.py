@@ -25,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import ArtifactError, read_parquet
+from alignpipe.artifacts.io import read_parquet
 from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation
 from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.chat import Encoded, Truncation, TruncationError
@@ -34,6 +34,7 @@ from alignpipe.core.progress import Timer
 from alignpipe.evaluate.compare import kl_estimate, pairs_metrics
 from alignpipe.evaluate.preferences import SFT_REFERENCE, policy_figures, sft_figures
 from alignpipe.evaluate.results import Answer, DemoNll, Estimate, EvalPrompt, PairsResult
+from alignpipe.evaluate.signals import forgetting, pooled_nll
 from alignpipe.params import DpoParams, EvaluateParams
 from alignpipe.vision.backend import build_vision_requests, open_vision_backend
 from alignpipe.vision.logprobs import (
@@ -96,6 +97,22 @@ def _encode_demonstration(processor: Any, row: Mapping[str, Any], max_length: in
         raise ValueError(
             f"evaluate: SFT demonstration id={row['id']}: {exc} (raise dpo.max_length)"
         ) from None
+
+
+def vision_demo_nll(
+    model_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    dtype: str,
+    batch_size: int,
+    max_length: int,
+    max_prompt_length: int,
+) -> DemoNll:
+    """:func:`alignpipe.evaluate.signals.demo_nll` with the rows' images (a prompt with images is never cut:
+    ``max_prompt_length`` does not apply)."""
+    processor, scorer = load_vision_scorer(model_dir, dtype)
+    seqs = [_encode_demonstration(processor, r, max_length) for r in rows]
+    logps = vision_sequence_logps(scorer, seqs, batch_size, processor.tokenizer.pad_token_id)
+    return pooled_nll(logps, [s.encoded for s in seqs])
 
 
 class VisionEvaluation:
@@ -200,20 +217,7 @@ class VisionEvaluation:
         dpo: DpoParams,
     ) -> dict[str, DemoNll]:
         """:func:`alignpipe.evaluate.signals.forgetting` on SFT demonstrations with their images."""
-        if sft_data is None or params.forgetting_rows == 0:
-            return {}
-        rows = read_parquet(sft_data, schema.with_images(schema.SFT))[: params.forgetting_rows]
-        if not rows:
-            raise ArtifactError(f"{sft_data}: no SFT demonstrations for the forgetting signal")
-        timer, out = Timer("evaluate: forgetting NLL"), {}
-        for model, folder in models.items():
-            processor, scorer = load_vision_scorer(folder, params.dtype)
-            seqs = [_encode_demonstration(processor, r, dpo.max_length) for r in rows]
-            logps = vision_sequence_logps(scorer, seqs, params.batch_size, processor.tokenizer.pad_token_id)
-            tokens = sum(len(s.encoded.completion_ids) for s in seqs)
-            out[model] = DemoNll(-logps.sum().item() / tokens, tokens, len(seqs))
-        timer.summary(len(rows) * len(out), "sequences", **{m: round(r.nll, 4) for m, r in out.items()})
-        return out
+        return forgetting(models, sft_data, params, dpo, schema.with_images(schema.SFT), vision_demo_nll)
 
     @staticmethod
     def preference_split(
