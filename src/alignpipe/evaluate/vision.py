@@ -29,13 +29,12 @@ from tqdm.auto import tqdm
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet
-from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation
 from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.chat import Encoded, Truncation, TruncationError
 from alignpipe.core.models import pick_device
 from alignpipe.core.progress import Timer
 from alignpipe.evaluate.logps import answers_kl, policy_logps
-from alignpipe.evaluate.preferences import SFT_REFERENCE, policy_figures, sft_figures
+from alignpipe.evaluate.preferences import preference_split
 from alignpipe.evaluate.results import Answer, DemoNll, EvalPrompt
 from alignpipe.evaluate.signals import forgetting, pooled_nll
 from alignpipe.params import DpoParams, EvaluateParams
@@ -175,6 +174,7 @@ class VisionEvaluation:
         scoring = VisionScoring(self.stored)
         self.policy_logps = functools.partial(policy_logps, scoring=scoring)
         self.answers_kl = functools.partial(answers_kl, scoring=scoring)
+        self.preference_split = functools.partial(preference_split, scoring=scoring)
 
     @staticmethod
     def backend(name: str) -> str:
@@ -211,30 +211,3 @@ class VisionEvaluation:
     ) -> dict[str, DemoNll]:
         """:func:`alignpipe.evaluate.signals.forgetting` on SFT demonstrations with their images."""
         return forgetting(models, sft_data, params, dpo, schema.with_images(schema.SFT), vision_demo_nll)
-
-    @staticmethod
-    def preference_split(
-        dpo_dir: str | os.PathLike,
-        split_path: str | os.PathLike,
-        ref_logps_path: str | os.PathLike,
-        params: EvaluateParams,
-        dpo: DpoParams,
-    ) -> dict[str, Any] | None:
-        """:func:`alignpipe.evaluate.preferences.preference_split` on pairs with images."""
-        if not read_parquet(split_path, schema.PAIRS):
-            return None
-        processor, scorer = load_vision_scorer(dpo_dir, params.dtype)
-        pairs = read_vision_pairs(Path(split_path), processor, dpo.max_length)
-        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
-        policy = vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
-        truncation = count_truncation(pairs)
-        truncation.warn("evaluate", "preference-split pairs", DPO_LENGTH_KEYS)
-        return {
-            "source": params.preferences.source,
-            "pairs": len(pairs),
-            "beta": dpo.beta,
-            "sft": sft_figures(ref.chosen, ref.rejected),
-            "dpo": policy_figures(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta),
-            "reference": {"sft": SFT_REFERENCE, "dpo": "SFT (data/ref_logps.parquet, the ref_logps stage)"},
-            "truncation": truncation.as_dict(),
-        }
