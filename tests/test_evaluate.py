@@ -20,6 +20,8 @@ from alignpipe.artifacts.pairs import encode_pairs
 from alignpipe.core.chat import encode_completion
 from alignpipe.core.logprobs import load_reference, pair_scores, sequence_logps
 from alignpipe.data.builtin import FAMILIES, make_items, primary_family
+from alignpipe.evaluate.compare import kl_estimate, pairs_metrics
+from alignpipe.evaluate.logps import encode_answers, loaded_scorer, policy_logps
 from alignpipe.evaluate.report import (
     eval_metrics,
     md_cell,
@@ -29,15 +31,7 @@ from alignpipe.evaluate.report import (
     write_reports,
 )
 from alignpipe.evaluate.results import Answer, Estimate, EvalPrompt, EvalResult, PairsResult
-from alignpipe.evaluate.stage import (
-    encode_answers,
-    kl_estimate,
-    loaded_scorer,
-    pairs_metrics,
-    policy_logps,
-    run_evaluate,
-    win_rate,
-)
+from alignpipe.evaluate.stage import run_evaluate, win_rate
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams
 from alignpipe.testing import save_tiny_model
 

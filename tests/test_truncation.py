@@ -15,8 +15,8 @@ import torch
 from alignpipe.artifacts.io import read_json
 from alignpipe.artifacts.pairs import PairDataError, count_truncation, encode_pair
 from alignpipe.core.chat import Truncation, encode_completion
+from alignpipe.evaluate.logps import encode_answers
 from alignpipe.evaluate.results import Answer
-from alignpipe.evaluate.stage import encode_answers
 from alignpipe.ref_logps import run_ref_logps
 from alignpipe.rewards.base import RewardError
 from alignpipe.rewards.hf import HFReward

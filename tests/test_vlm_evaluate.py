@@ -139,3 +139,42 @@ def test_evaluate_on_a_vlm_against_itself_is_a_tie_with_zero_kl(workspace, tmp_p
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["pairs_accuracy"] == 0.0 and metrics["pairs_margin_mean"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["dpo"]["demo_nll_delta"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_preference_split_on_a_vlm_scores_the_pairs_with_their_images(workspace, tmp_path):
+    """The held-out split through the VLM's pair scoring: SFT as the policy is its own reference (margins
+    fp32 noise, ties, nothing up or down); DPO (seed 1)'s logp accuracy is its own full forwards' with
+    the images, and the SFT row is the cached reference's."""
+    from alignpipe.evaluate.vision import VisionEvaluation
+    from alignpipe.params import DpoParams, EvaluateParams, RefLogpsParams
+    from alignpipe.ref_logps import run_ref_logps
+    from alignpipe.training.numerics import Numerics
+    from alignpipe.vision.models import load_image_text_model, load_processor
+
+    split = [_pair("red", "green"), _pair("blue", "red"), _pair("green", "blue")]
+    for name, rows in (("train", [_pair("red", "blue")]), ("eval", [_pair("green", "red")]), ("test", split)):
+        write_parquet(rows, tmp_path / f"pairs/{name}.parquet", with_images(schema.PAIRS))
+    run_ref_logps(workspace / "sft", tmp_path / "pairs", tmp_path / "ref.parquet",
+                  RefLogpsParams(dtype="float32", batch_size=2), 64, 32, policy=Numerics("float32"))  # fmt: skip
+    params, dpo = (
+        EvaluateParams(dtype="float32", batch_size=2),
+        DpoParams(max_length=64, max_prompt_length=32, beta=0.5),
+    )
+    evaluation = VisionEvaluation(workspace / "eval_prompts.parquet")
+    args = (tmp_path / "pairs/test.parquet", tmp_path / "ref.parquet", params, dpo)
+    same = evaluation.preference_split(workspace / "sft", *args)
+    assert same is not None and same["pairs"] == 3 and same["beta"] == 0.5
+    assert same["dpo"]["preference_accuracy"] == 0.0 and same["dpo"]["chosen_up_rejected_down"] == 0.0
+    assert abs(same["dpo"]["reward_margin"]) < 1e-5
+    assert same["dpo"]["logp_accuracy"] == same["sft"]["logp_accuracy"] == same["sft"]["preference_accuracy"]
+    got = evaluation.preference_split(workspace / "dpo", *args)
+    processor = load_processor(workspace / "sft")
+    own = {}
+    for m in ("sft", "dpo"):
+        model = load_image_text_model(workspace / m, "float32", torch.device("cpu")).eval()
+        own[m] = [[_own_logp(model, processor, QUESTION, p[side], p["images"], "stop")[0] for side in ("chosen", "rejected")]
+                  for p in split]  # fmt: skip
+    for m in own:
+        assert got[m]["logp_accuracy"] == pytest.approx(statistics.fmean(c > r for c, r in own[m]))
+    margins = [0.5 * ((c - sc) - (r - sr)) for (c, r), (sc, sr) in zip(own["dpo"], own["sft"], strict=True)]
+    assert got["dpo"]["reward_margin"] == pytest.approx(statistics.fmean(margins), abs=1e-4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
+from vlm_helpers import COLOURS, QUESTION, write_dpo_inputs
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.generations import read_generations
@@ -15,9 +16,6 @@ from alignpipe.generate import run_generate
 from alignpipe.generation.base import derive_seed
 from alignpipe.params import GenerateParams
 from alignpipe.testing_vlm import save_tiny_vlm, square_png
-
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-QUESTION = [{"role": "user", "content": "what colour is this square?"}]
 
 
 @pytest.fixture(scope="module")
@@ -231,28 +229,10 @@ def test_ref_logps_on_a_vlm_equal_the_models_own_forward(image_prompts, vlm_dir,
         assert got[pid] == pytest.approx((c, r), abs=1e-4)
 
 
-def _colour_pair(c: str, w: str) -> dict:
-    return {"pair_id": f"{c}-{w}", "prompt_id": f"p{c}", "prompt": QUESTION,
-            "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": w}],
-            "chosen_reward": 1.0, "rejected_reward": 0.0, "margin": 1.0, "source": "generated",
-            "images": [{"bytes": square_png(COLOURS[c]), "path": None}]}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def vlm_dpo_inputs(vlm_dir, tmp_path_factory):
     """data/pairs (6 train colour pairs, 1 eval) with images and their ref_logps (the VLM path)."""
-    from alignpipe.params import RefLogpsParams
-    from alignpipe.ref_logps import run_ref_logps
-    from alignpipe.training.numerics import Numerics
-
-    root = tmp_path_factory.mktemp("vlm_dpo")
-    train = [_colour_pair(c, w) for c in COLOURS for w in COLOURS if w != c]
-    write_parquet(train, root / "pairs/train.parquet", with_images(schema.PAIRS))
-    write_parquet([_colour_pair("red", "green") | {"pair_id": "e1"}], root / "pairs/eval.parquet",
-                  with_images(schema.PAIRS))  # fmt: skip
-    run_ref_logps(vlm_dir, root / "pairs", root / "ref.parquet", RefLogpsParams(dtype="float32", batch_size=4),
-                  64, 32, policy=Numerics("float32"))  # fmt: skip
-    return root
+    return write_dpo_inputs(vlm_dir, tmp_path_factory.mktemp("vlm_dpo"))
 
 
 def _vlm_dpo(vlm_dir, inputs, run, **kw):

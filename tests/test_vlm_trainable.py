@@ -13,17 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from vlm_helpers import COLOURS, QUESTION, write_dpo_inputs
 
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import write_parquet
 from alignpipe.artifacts.schema import with_images
 from alignpipe.params import DpoParams, ParamsError, PeftParams
 from alignpipe.testing_vlm import save_tiny_vlm, square_png, tiny_vlm, tiny_vlm_processor
 from alignpipe.vision.models import apply_vision_lora, fully_trained_modules, set_trainable
 from alignpipe.vision.sft import collate_vision_sft, encode_vision_sft
 
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-QUESTION = [{"role": "user", "content": "what colour is this square?"}]
 VALUES = ("language_model", "language_model+projector", "all")
 # the groups each value trains (LLaVA's module names: model.vision_tower, model.multi_modal_projector)
 TRAINED = {"language_model": {"lm"}, "language_model+projector": {"lm", "projector"},
@@ -142,13 +140,6 @@ def test_merged_weights_of_a_lora_vlm_with_a_trained_projector_equal_merge_and_u
 # --- the dpo stage on the VLM: LoRA, a live reference ---
 
 
-def _colour_pair(c: str, w: str) -> dict:
-    return {"pair_id": f"{c}-{w}", "prompt_id": f"p{c}", "prompt": QUESTION,
-            "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": w}],
-            "chosen_reward": 1.0, "rejected_reward": 0.0, "margin": 1.0, "source": "generated",
-            "images": [{"bytes": square_png(COLOURS[c]), "path": None}]}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
     return save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "vlm")
@@ -157,18 +148,7 @@ def vlm_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dpo_inputs(vlm_dir, tmp_path_factory):
     """data/pairs (6 train colour pairs, 1 eval) with images and their ref_logps (float32)."""
-    from alignpipe.params import RefLogpsParams
-    from alignpipe.ref_logps import run_ref_logps
-    from alignpipe.training.numerics import Numerics
-
-    root = tmp_path_factory.mktemp("vlm_dpo")
-    train = [_colour_pair(c, w) for c in COLOURS for w in COLOURS if w != c]
-    write_parquet(train, root / "pairs/train.parquet", with_images(schema.PAIRS))
-    write_parquet([_colour_pair("red", "green") | {"pair_id": "e1"}], root / "pairs/eval.parquet",
-                  with_images(schema.PAIRS))  # fmt: skip
-    run_ref_logps(vlm_dir, root / "pairs", root / "ref.parquet", RefLogpsParams(dtype="float32", batch_size=4),
-                  64, 32, policy=Numerics("float32"))  # fmt: skip
-    return root
+    return write_dpo_inputs(vlm_dir, tmp_path_factory.mktemp("vlm_dpo"))
 
 
 def _dpo(vlm_dir, inputs, run, **kw):

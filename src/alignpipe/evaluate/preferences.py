@@ -31,11 +31,10 @@ import torch
 
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import read_parquet
-from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation, read_pairs
+from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation
 from alignpipe.artifacts.ref_logps import PairScores
-from alignpipe.core.logprobs import load_reference, pair_scores
-from alignpipe.core.models import load_tokenizer, pick_device
 from alignpipe.core.progress import Timer
+from alignpipe.evaluate.logps import TEXT, Scoring
 from alignpipe.params import DpoParams, EvaluateParams
 
 MARGIN_TIE = 1e-5  # as alignpipe.evaluate.compare.MARGIN_TIE: |value| below it is fp32 noise, a tie
@@ -84,20 +83,21 @@ def preference_split(
     ref_logps_path: str | os.PathLike,
     params: EvaluateParams,
     dpo: DpoParams,
+    scoring: Scoring = TEXT,
 ) -> dict[str, Any] | None:
-    """eval.json's ``preferences``: the figures of SFT and DPO on the split (None: no split rows)."""
+    """eval.json's ``preferences``: the figures of SFT and DPO on the split (None: no split rows).
+
+    ``scoring``: how the DPO model is loaded and the split read and scored (a VLM's adds the images).
+    """
     split_path = Path(split_path)
     if not read_parquet(split_path, schema.PAIRS):
         return None
     timer = Timer("evaluate: preference split")
-    tokenizer = load_tokenizer(dpo_dir)
-    pairs = read_pairs(split_path, tokenizer, dpo.max_length, dpo.max_prompt_length)
-    ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
-    scorer = load_reference(dpo_dir, params.dtype, pick_device())
-    policy = pair_scores(
-        scorer, pairs, params.batch_size, tokenizer.pad_token_id, progress=True, desc="split"
-    )
-    del scorer
+    with scoring.load(dpo_dir, params.dtype) as loaded:
+        pairs = scoring.read_pairs(loaded, split_path, dpo)
+        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
+        policy = scoring.pair_scores(loaded, pairs, params, "split")
+    del loaded
     truncation = count_truncation(pairs)
     truncation.warn("evaluate", "preference-split pairs", DPO_LENGTH_KEYS)
     timer.summary(2 * len(pairs), "sequences")

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,12 @@ def repeated_ngram_rate(texts: Sequence[str], n: int = REPEAT_N) -> float | None
     return repeats / total if total else None
 
 
-def load_demonstrations(path: str | os.PathLike, n_rows: int) -> list[dict[str, Any]]:
-    """The first ``n_rows`` rows of the prepared SFT data (prompt and completion messages)."""
-    rows = read_parquet(path, schema.SFT)[:n_rows]
+def load_demonstrations(
+    path: str | os.PathLike, n_rows: int, columns: Any = schema.SFT
+) -> list[dict[str, Any]]:
+    """The first ``n_rows`` rows of the prepared SFT data (prompt and completion messages; ``columns``:
+    the schema, a VLM's has images)."""
+    rows = read_parquet(path, columns)[:n_rows]
     if not rows:
         raise ArtifactError(
             f"{path}: no SFT demonstrations for the forgetting signal (evaluate.forgetting_rows)"
@@ -105,6 +108,11 @@ def demo_nll(
         del scorer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return pooled_nll(logps, seqs)
+
+
+def pooled_nll(logps: Any, seqs: Sequence[Encoded]) -> DemoNll:
+    """Mean NLL per completion token from the summed log-probs (S,) of ``seqs``, pooled over tokens."""
     tokens = sum(len(s.completion_ids) for s in seqs)
     return DemoNll(-logps.sum().item() / tokens, tokens, len(seqs))
 
@@ -114,16 +122,21 @@ def forgetting(
     sft_data: str | os.PathLike | None,
     params: EvaluateParams,
     dpo: DpoParams,
+    columns: Any = schema.SFT,
+    nll: Callable[..., DemoNll] = demo_nll,
 ) -> dict[str, DemoNll]:
     """NLL of the first ``evaluate.forgetting_rows`` SFT demonstrations under each model, one model in
-    memory at a time ({} when there is no ``sft_data`` or the signal is off)."""
+    memory at a time ({} when there is no ``sft_data`` or the signal is off).
+
+    ``columns`` and ``nll``: the SFT schema and :func:`demo_nll`'s counterpart of a VLM (with images).
+    """
     if sft_data is None or params.forgetting_rows == 0:
         return {}
     from alignpipe.core.progress import Timer
 
     timer = Timer("evaluate: forgetting NLL")
-    rows = load_demonstrations(sft_data, params.forgetting_rows)
+    rows = load_demonstrations(sft_data, params.forgetting_rows, columns)
     args = (params.dtype, params.batch_size, dpo.max_length, dpo.max_prompt_length)
-    out = {m: demo_nll(folder, rows, *args) for m, folder in models.items()}
+    out = {m: nll(folder, rows, *args) for m, folder in models.items()}
     timer.summary(len(rows) * len(out), "sequences", **{m: round(r.nll, 4) for m, r in out.items()})
     return out

@@ -8,9 +8,10 @@ keyed by prompt id), and every answer is scored with the ``reward`` section's re
   with the built-in reward, the pass rate (verifier score == 1) overall and per primary family
   (``spec.constraints[0].family``);
 - win rate of DPO over SFT, answer against answer for the same prompt and sample index, ties 1/2;
-- KL(dpo || sft), Monte-Carlo: the mean over DPO's own answers y of
-  ``log p_dpo(y|x) - log p_sft(y|x)``, both through :mod:`alignpipe.core.logprobs` (the path of
-  ``ref_logps`` and ``dpo``), with its standard error over prompts. The answers are drawn from
+- KL(dpo || sft) (:mod:`alignpipe.evaluate.logps`, one path for text and VLM), Monte-Carlo: the mean
+  over DPO's own answers y of ``log p_dpo(y|x) - log p_sft(y|x)``, both through
+  :mod:`alignpipe.core.logprobs` (the path of ``ref_logps`` and ``dpo``), with its standard error over
+  prompts. The answers are drawn from
   the sampler (temperature, top-k/p), so this is exactly KL(dpo || sft) only at temperature 1
   without truncation; otherwise it is that expectation under the sampler.
 
@@ -27,88 +28,26 @@ thresholds that fail the stage after its reports are written: :mod:`alignpipe.ev
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from alignpipe.artifacts import schema
 from alignpipe.artifacts.io import ArtifactError, read_parquet
-from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, EncodedPair, count_truncation, read_pairs
-from alignpipe.artifacts.ref_logps import PairScores
-from alignpipe.core.chat import Encoded, Message, Truncation, TruncationError, encode_completion
-from alignpipe.core.logprobs import CompletionScorer, load_reference, pair_scores, sequence_logps
-from alignpipe.core.models import load_tokenizer, pick_device
+from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS
+from alignpipe.core.chat import Truncation
 from alignpipe.core.progress import Timer
 from alignpipe.data import builtin as task
-from alignpipe.evaluate.compare import kl_estimate, pairs_metrics, win_rate
+from alignpipe.evaluate.compare import win_rate
+from alignpipe.evaluate.logps import answers_kl, policy_logps
 from alignpipe.evaluate.preferences import preference_split
-from alignpipe.evaluate.results import MODELS, Answer, Estimate, EvalPrompt, EvalResult, PairsResult
+from alignpipe.evaluate.results import MODELS, Answer, EvalPrompt, EvalResult
 from alignpipe.evaluate.rounds import earlier_rounds, is_round, with_rounds
 from alignpipe.evaluate.signals import forgetting
 from alignpipe.params import DpoParams, EvaluateParams, RewardParams, RoundsParams
 from alignpipe.vision.models import is_vision_model_folder
-
-
-def encode_answers(
-    tokenizer: Any,
-    prompts: Sequence[list[Message]],
-    answers: Sequence[Answer],
-    max_length: int,
-    max_prompt_length: int,
-    counts: Truncation | None = None,
-) -> list[Encoded]:
-    """Answers as (prompt, completion) tokens; one cut at max_new_tokens keeps no EOS (none was sampled).
-
-    ``counts``: what dpo.max_length / dpo.max_prompt_length cut is added to it, per answer.
-    """
-    encoded = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        try:
-            enc = encode_completion(
-                tokenizer,
-                prompt,
-                [{"role": "assistant", "content": answer.completion}],
-                max_length,
-                max_prompt_length,
-            )
-        except TruncationError as exc:
-            raise ValueError(
-                f"evaluate: answer (prompt_id={answer.prompt_id}, sample_idx={answer.sample_idx}): {exc} "
-                f"(dpo.max_length={max_length}, dpo.max_prompt_length={max_prompt_length}; raise them)"
-            ) from None
-        if answer.finish_reason == "length" and not enc.completion_cut and len(enc.completion_ids) > 1:
-            enc = Encoded(enc.prompt_ids, enc.completion_ids[:-1], enc.prompt_cut, enc.completion_cut)
-        if counts is not None:
-            counts.count(enc.prompt_cut, enc.completion_cut)
-        encoded.append(enc)
-    return encoded
-
-
-def score_pairs(
-    scorer: CompletionScorer, pairs: Sequence[EncodedPair], batch_size: int, pad_token_id: int, desc: str
-) -> PairScores:
-    """Summed completion log-probs of each pair's two sides, in ``pairs`` order, through the
-    ``ref_logps`` path (shared-prompt rows, no padding), so eval-pair margins use the reference's
-    layout. On CPU it took 8.9 s where padded batches took 14.9 s (96 answers of SmolLM2-135M)."""
-    return pair_scores(scorer, pairs, batch_size, pad_token_id, progress=True, desc=desc)
-
-
-@contextlib.contextmanager
-def loaded_scorer(model_dir: str | os.PathLike, dtype: str) -> Iterator[tuple[Any, CompletionScorer]]:
-    """(tokenizer, frozen CompletionScorer) of a model folder, freed on exit."""
-    tokenizer = load_tokenizer(model_dir)
-    scorer = load_reference(model_dir, dtype, pick_device())
-    try:
-        yield tokenizer, scorer
-    finally:
-        del scorer
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def load_eval_prompts(path: str | os.PathLike, max_prompts: int | None) -> list[EvalPrompt]:
@@ -186,72 +125,6 @@ def score_answers(
         scored[model].append(replace(a, reward=res.reward, passed=(res.reward == 1.0) if builtin else None))
     timer.summary(len(flat), "answers")
     return scored, reward.name
-
-
-def policy_logps(
-    dpo_dir: str | os.PathLike,
-    sft_dir: str | os.PathLike,
-    prompts: Sequence[EvalPrompt],
-    dpo_answers: Sequence[Answer],
-    pairs_path: str | os.PathLike,
-    ref_logps_path: str | os.PathLike,
-    params: EvaluateParams,
-    dpo: DpoParams,
-    truncation: dict[str, Truncation] | None = None,
-) -> tuple[Estimate, PairsResult]:
-    """KL(dpo || sft) on DPO's answers, and the DPO implicit-reward accuracy on the eval pairs.
-
-    ``truncation`` gets what dpo.max_length / dpo.max_prompt_length cut: "answers" and "pairs".
-    """
-    by_id = {p.prompt_id: p.prompt for p in prompts}
-    answer_prompts = [by_id[a.prompt_id] for a in dpo_answers]
-    timer = Timer("evaluate: log-probs")
-    logps: dict[str, list[float]] = {}
-    answer_counts = Truncation()
-    with loaded_scorer(dpo_dir, params.dtype) as (tokenizer, scorer):
-        seqs = encode_answers(
-            tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length, answer_counts
-        )
-        logps["dpo"] = sequence_logps(
-            scorer, seqs, params.batch_size, tokenizer.pad_token_id, True, "logps dpo"
-        ).tolist()
-        pairs = read_pairs(Path(pairs_path), tokenizer, dpo.max_length, dpo.max_prompt_length)
-        if truncation is not None:
-            truncation.update(answers=answer_counts, pairs=count_truncation(pairs))
-        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
-        policy = score_pairs(scorer, pairs, params.batch_size, tokenizer.pad_token_id, "eval pairs")
-    del scorer  # one model in memory at a time
-    with loaded_scorer(sft_dir, params.dtype) as (tokenizer, scorer):
-        seqs = encode_answers(tokenizer, answer_prompts, dpo_answers, dpo.max_length, dpo.max_prompt_length)
-        logps["sft"] = sequence_logps(
-            scorer, seqs, params.batch_size, tokenizer.pad_token_id, True, "logps sft"
-        ).tolist()
-    kl = kl_estimate(logps["dpo"], logps["sft"], [a.prompt_id for a in dpo_answers])
-    pairs_result = pairs_metrics(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta)
-    timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
-    return kl, pairs_result
-
-
-def answers_kl(
-    policy_dir: str | os.PathLike,
-    sft_dir: str | os.PathLike,
-    prompts: Sequence[EvalPrompt],
-    answers: Sequence[Answer],
-    params: EvaluateParams,
-    dpo: DpoParams,
-) -> Estimate:
-    """KL(policy || sft) on the policy's own answers, as :func:`policy_logps` (an earlier round's policy)."""
-    by_id = {p.prompt_id: p.prompt for p in prompts}
-    texts = [by_id[a.prompt_id] for a in answers]
-    logps = []
-    for model_dir in (policy_dir, sft_dir):
-        with loaded_scorer(model_dir, params.dtype) as (tokenizer, scorer):
-            seqs = encode_answers(tokenizer, texts, answers, dpo.max_length, dpo.max_prompt_length)
-            pad = tokenizer.pad_token_id
-            logps.append(
-                sequence_logps(scorer, seqs, params.batch_size, pad, True, f"logps {model_dir}").tolist()
-            )
-    return kl_estimate(logps[0], logps[1], [a.prompt_id for a in answers])
 
 
 def run_evaluate(

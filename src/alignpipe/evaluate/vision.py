@@ -17,27 +17,31 @@ A prompt with images is never cut (:mod:`alignpipe.vision.models`): only ``dpo.m
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from alignpipe.artifacts import schema
-from alignpipe.artifacts.io import ArtifactError, read_parquet
-from alignpipe.artifacts.pairs import DPO_LENGTH_KEYS, count_truncation
+from alignpipe.artifacts.io import read_parquet
 from alignpipe.artifacts.ref_logps import PairScores
 from alignpipe.core.chat import Encoded, Truncation, TruncationError
 from alignpipe.core.models import pick_device
 from alignpipe.core.progress import Timer
-from alignpipe.evaluate.compare import kl_estimate, pairs_metrics
-from alignpipe.evaluate.preferences import SFT_REFERENCE, policy_figures, sft_figures
-from alignpipe.evaluate.results import Answer, DemoNll, Estimate, EvalPrompt, PairsResult
+from alignpipe.evaluate.logps import answers_kl, policy_logps
+from alignpipe.evaluate.preferences import preference_split
+from alignpipe.evaluate.results import Answer, DemoNll, EvalPrompt
+from alignpipe.evaluate.signals import forgetting, pooled_nll
 from alignpipe.params import DpoParams, EvaluateParams
 from alignpipe.vision.backend import build_vision_requests, open_vision_backend
 from alignpipe.vision.logprobs import (
     VisionCompletionScorer,
+    VisionPair,
     read_vision_pairs,
     vision_pair_scores,
     vision_sequence_logps,
@@ -98,6 +102,67 @@ def _encode_demonstration(processor: Any, row: Mapping[str, Any], max_length: in
         ) from None
 
 
+def vision_demo_nll(
+    model_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    dtype: str,
+    batch_size: int,
+    max_length: int,
+    max_prompt_length: int,
+) -> DemoNll:
+    """:func:`alignpipe.evaluate.signals.demo_nll` with the rows' images (a prompt with images is never cut:
+    ``max_prompt_length`` does not apply)."""
+    processor, scorer = load_vision_scorer(model_dir, dtype)
+    seqs = [_encode_demonstration(processor, r, max_length) for r in rows]
+    logps = vision_sequence_logps(scorer, seqs, batch_size, processor.tokenizer.pad_token_id)
+    return pooled_nll(logps, [s.encoded for s in seqs])
+
+
+@dataclass(frozen=True)
+class VisionScoring:
+    """:class:`alignpipe.evaluate.logps.TextScoring` of a VLM: (processor, VisionCompletionScorer), each answer
+    and pair with its prompt's images (``stored``: prompt_id -> its {"bytes", "path"} entries)."""
+
+    stored: Mapping[str, list[dict[str, Any]]]
+
+    @staticmethod
+    def load(model_dir: str | os.PathLike, dtype: str) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext(load_vision_scorer(model_dir, dtype))
+
+    def answer_logps(
+        self,
+        loaded: tuple[Any, VisionCompletionScorer],
+        prompts: Sequence[EvalPrompt],
+        answers: Sequence[Answer],
+        params: EvaluateParams,
+        dpo: DpoParams,
+        counts: Truncation | None,
+        desc: str,
+    ) -> list[float]:
+        """Summed log-probs of ``answers`` with their prompts' images under ``loaded``."""
+        processor, scorer = loaded
+        seqs = encode_vision_answers(processor, prompts, self.stored, answers, dpo.max_length, counts)
+        return vision_sequence_logps(
+            scorer, seqs, params.batch_size, processor.tokenizer.pad_token_id
+        ).tolist()
+
+    @staticmethod
+    def read_pairs(
+        loaded: tuple[Any, VisionCompletionScorer], path: Path, dpo: DpoParams
+    ) -> list[VisionPair]:
+        return read_vision_pairs(path, loaded[0], dpo.max_length)
+
+    @staticmethod
+    def pair_scores(
+        loaded: tuple[Any, VisionCompletionScorer],
+        pairs: Sequence[VisionPair],
+        params: EvaluateParams,
+        desc: str,
+    ) -> PairScores:
+        processor, scorer = loaded
+        return vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
+
+
 class VisionEvaluation:
     """The model-facing steps of :func:`alignpipe.evaluate.stage.run_evaluate` on a VLM (the methods of
     :class:`alignpipe.evaluate.stage.TextEvaluation`, with the eval prompts' images)."""
@@ -106,6 +171,10 @@ class VisionEvaluation:
         rows = read_parquet(prompts_path, schema.with_images(schema.PROMPTS))
         self.stored = {r["prompt_id"]: r["images"] or [] for r in rows}  # {"bytes", "path"} entries
         self.images = {pid: open_images(entries) for pid, entries in self.stored.items()}  # for the reward
+        scoring = VisionScoring(self.stored)
+        self.policy_logps = functools.partial(policy_logps, scoring=scoring)
+        self.answers_kl = functools.partial(answers_kl, scoring=scoring)
+        self.preference_split = functools.partial(preference_split, scoring=scoring)
 
     @staticmethod
     def backend(name: str) -> str:
@@ -133,65 +202,6 @@ class VisionEvaluation:
         timer.summary(sum(a.n_tokens for a in answers), "tokens", samples=len(answers))
         return answers
 
-    def _answer_logps(
-        self,
-        loaded: tuple[Any, VisionCompletionScorer],
-        prompts: Sequence[EvalPrompt],
-        answers: Sequence[Answer],
-        params: EvaluateParams,
-        dpo: DpoParams,
-        counts: Truncation | None = None,
-    ) -> list[float]:
-        """Summed log-probs of ``answers`` with their prompts' images under ``loaded`` (processor, scorer)."""
-        processor, scorer = loaded
-        seqs = encode_vision_answers(processor, prompts, self.stored, answers, dpo.max_length, counts)
-        pad = processor.tokenizer.pad_token_id
-        return vision_sequence_logps(scorer, seqs, params.batch_size, pad).tolist()
-
-    def policy_logps(
-        self,
-        dpo_dir: str | os.PathLike,
-        sft_dir: str | os.PathLike,
-        prompts: Sequence[EvalPrompt],
-        dpo_answers: Sequence[Answer],
-        pairs_path: str | os.PathLike,
-        ref_logps_path: str | os.PathLike,
-        params: EvaluateParams,
-        dpo: DpoParams,
-        truncation: dict[str, Truncation] | None = None,
-    ) -> tuple[Estimate, PairsResult]:
-        """KL(dpo || sft) on DPO's answers, and the implicit-reward accuracy on the eval pairs."""
-        timer = Timer("evaluate: log-probs")
-        answer_counts = Truncation()
-        processor, scorer = load_vision_scorer(dpo_dir, params.dtype)
-        dpo_logps = self._answer_logps((processor, scorer), prompts, dpo_answers, params, dpo, answer_counts)
-        pairs = read_vision_pairs(Path(pairs_path), processor, dpo.max_length)
-        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
-        policy = vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
-        del scorer  # one model in memory at a time
-        if truncation is not None:
-            truncation.update(answers=answer_counts, pairs=count_truncation(pairs))
-        sft_logps = self._answer_logps(
-            load_vision_scorer(sft_dir, params.dtype), prompts, dpo_answers, params, dpo
-        )
-        kl = kl_estimate(dpo_logps, sft_logps, [a.prompt_id for a in dpo_answers])
-        timer.summary(2 * len(dpo_answers) + 2 * len(pairs), "sequences")
-        return kl, pairs_metrics(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta)
-
-    def answers_kl(
-        self,
-        policy_dir: str | os.PathLike,
-        sft_dir: str | os.PathLike,
-        prompts: Sequence[EvalPrompt],
-        answers: Sequence[Answer],
-        params: EvaluateParams,
-        dpo: DpoParams,
-    ) -> Estimate:
-        """KL(policy || sft) on the policy's own answers (an earlier round's policy)."""
-        logps = [self._answer_logps(load_vision_scorer(d, params.dtype), prompts, answers, params, dpo)
-                 for d in (policy_dir, sft_dir)]  # fmt: skip
-        return kl_estimate(logps[0], logps[1], [a.prompt_id for a in answers])
-
     @staticmethod
     def forgetting(
         models: Mapping[str, str | os.PathLike],
@@ -200,44 +210,4 @@ class VisionEvaluation:
         dpo: DpoParams,
     ) -> dict[str, DemoNll]:
         """:func:`alignpipe.evaluate.signals.forgetting` on SFT demonstrations with their images."""
-        if sft_data is None or params.forgetting_rows == 0:
-            return {}
-        rows = read_parquet(sft_data, schema.with_images(schema.SFT))[: params.forgetting_rows]
-        if not rows:
-            raise ArtifactError(f"{sft_data}: no SFT demonstrations for the forgetting signal")
-        timer, out = Timer("evaluate: forgetting NLL"), {}
-        for model, folder in models.items():
-            processor, scorer = load_vision_scorer(folder, params.dtype)
-            seqs = [_encode_demonstration(processor, r, dpo.max_length) for r in rows]
-            logps = vision_sequence_logps(scorer, seqs, params.batch_size, processor.tokenizer.pad_token_id)
-            tokens = sum(len(s.encoded.completion_ids) for s in seqs)
-            out[model] = DemoNll(-logps.sum().item() / tokens, tokens, len(seqs))
-        timer.summary(len(rows) * len(out), "sequences", **{m: round(r.nll, 4) for m, r in out.items()})
-        return out
-
-    @staticmethod
-    def preference_split(
-        dpo_dir: str | os.PathLike,
-        split_path: str | os.PathLike,
-        ref_logps_path: str | os.PathLike,
-        params: EvaluateParams,
-        dpo: DpoParams,
-    ) -> dict[str, Any] | None:
-        """:func:`alignpipe.evaluate.preferences.preference_split` on pairs with images."""
-        if not read_parquet(split_path, schema.PAIRS):
-            return None
-        processor, scorer = load_vision_scorer(dpo_dir, params.dtype)
-        pairs = read_vision_pairs(Path(split_path), processor, dpo.max_length)
-        ref = PairScores.read(ref_logps_path).aligned(pairs, where=str(ref_logps_path))
-        policy = vision_pair_scores(scorer, pairs, params.batch_size, processor.tokenizer.pad_token_id)
-        truncation = count_truncation(pairs)
-        truncation.warn("evaluate", "preference-split pairs", DPO_LENGTH_KEYS)
-        return {
-            "source": params.preferences.source,
-            "pairs": len(pairs),
-            "beta": dpo.beta,
-            "sft": sft_figures(ref.chosen, ref.rejected),
-            "dpo": policy_figures(policy.chosen, policy.rejected, ref.chosen, ref.rejected, dpo.beta),
-            "reference": {"sft": SFT_REFERENCE, "dpo": "SFT (data/ref_logps.parquet, the ref_logps stage)"},
-            "truncation": truncation.as_dict(),
-        }
+        return forgetting(models, sft_data, params, dpo, schema.with_images(schema.SFT), vision_demo_nll)
