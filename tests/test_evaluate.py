@@ -372,3 +372,25 @@ def test_dvc_plots_render_from_dvc_yaml(tmp_path):
     assert {v["filename"] for v in curves["data"]["values"]} == {
         "sft/plots/metrics/train/loss.tsv", "dpo/plots/metrics/loss.tsv", "dpo/plots/metrics/eval/loss.tsv",
     }  # fmt: skip
+
+
+def test_the_builtin_verifier_scores_image_prompts_by_their_text():
+    """VLM prompts with the built-in verifier: evaluate, like score, gives the verifier the text only
+    (before, the images went to it and scoring failed); the rewards equal the text-only run."""
+    from alignpipe.evaluate.stage import score_answers
+    from alignpipe.testing_vlm import square_png
+
+    items = make_items("eval", 3, 0)
+    prompts = [EvalPrompt(it.id, [{"role": "user", "content": it.instruction}], json.dumps(it.spec), it.family)
+               for it in items]  # fmt: skip
+    answers = {
+        "sft": [
+            Answer(it.id, 0, text, 3, "stop") for it, text in zip(items, ["12", "ok", "the end"], strict=True)
+        ]
+    }
+    images = {it.id: [square_png((255, 0, 0))] for it in items}
+    params = RewardParams(kind="builtin")
+    with_images, _ = score_answers(params, prompts, answers, images=images)
+    text_only, _ = score_answers(params, prompts, answers)
+    assert [a.reward for a in with_images["sft"]] == [a.reward for a in text_only["sft"]]
+    assert all(a.passed is not None for a in with_images["sft"])

@@ -97,12 +97,15 @@ def score_answers(
     images: Mapping[str, list[Any]] | None = None,
 ) -> tuple[dict[str, list[Answer]], str]:
     """Every model's answers with their reward, scored in one pass of the ``reward`` section's reward;
-    ``images`` (VLM prompts): prompt_id -> its opened images, passed to a ``python`` reward as score does."""
+    ``images`` (VLM prompts): prompt_id -> its opened images, passed to the reward as score does (every
+    kind but ``builtin``: the verifier reads text)."""
     from dataclasses import replace
 
     from alignpipe.rewards.base import reward_truncation, score_completions
     from alignpipe.rewards.load import get_reward
 
+    if reward_params.kind == "builtin":
+        images = None
     by_id = {p.prompt_id: p for p in prompts}
     flat = [(model, a) for model, rows in answers.items() for a in rows]
     timer = Timer("evaluate: reward")
