@@ -1,0 +1,57 @@
+"""alignpipe.cli.stage_main's ends: a torchrun worker that succeeded exits 0 without the interpreter's
+teardown (where a DeepSpeed worker sometimes aborted after writing), with its output flushed; outside
+torchrun, and on failure, the process ends as before."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+SCRIPT = textwrap.dedent(
+    """
+    import atexit, logging, sys
+    from alignpipe.cli import stage_main
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+
+    @stage_main
+    def main():
+        atexit.register(lambda: print("teardown ran", flush=True))
+        print("stage done")  # buffered: stdout is a pipe
+        logging.getLogger("x").info("logged")
+        if sys.argv[1] == "fail":
+            raise ValueError("bad input")
+
+    main()
+    """
+)
+
+
+def run(mode: str, torchrun: bool) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    env["PYTHONPATH"] = str(SRC)
+    if torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_torchrun_worker_that_succeeded_skips_the_teardown_with_its_output_flushed():
+    done = run("ok", torchrun=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "stage done\n"  # flushed, and the atexit hook (interpreter teardown) did not run
+    assert "logged" in done.stderr
+
+
+def test_outside_torchrun_and_on_failure_the_process_ends_as_before():
+    plain = run("ok", torchrun=False)
+    assert plain.returncode == 0 and plain.stdout == "stage done\nteardown ran\n"
+    failed = run("fail", torchrun=True)
+    assert failed.returncode == 1 and "error: bad input" in failed.stderr
+    assert failed.stdout == "stage done\nteardown ran\n"
