@@ -131,7 +131,7 @@ def test_loaders_pass_trust_remote_code_false_by_default_and_true_only_when_aske
     spied.clear()
     with pytest.raises(Called):
         get_reward(RewardParams(kind="hf", model=str(tiny_model_dir), trust_remote_code=True))
-    assert spied == [("AutoTokenizer", True)]
+    assert spied == [("AutoConfig", True)]  # the hf reward reads the config first (a VLM's or a text model's)
 
 
 def test_trust_remote_code_defaults_to_false_in_params():
