@@ -646,16 +646,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                           "repeat": repeat, "load_average_1min": load}  # fmt: skip
                 emit(record, args.json_out)
                 records.append(record)
-    summaries = {n: summary_line(n, [r for r in records if r["impl"] == n], peak) for n in names}
-    add_ratios(summaries)
-    for line in summaries.values():
+                if args.results:  # a killed run keeps what it measured: the file is rewritten per run
+                    summaries, ratio = summarise(names, records, peak, args.parity)
+                    write_results(Path(args.results), records, summaries, ratio, peak, complete=False)
+    summaries, ratio = summarise(names, records, peak, args.parity)
+    for line in summaries:
         emit({**line, "peak_matmul_gflops": peak} if peak else line, args.json_out)
-    ratio = ratio_line(records, args.parity)
     if ratio is not None:
         emit(ratio, args.json_out)
     if args.results:
-        write_results(Path(args.results), records, list(summaries.values()), ratio, peak)
-    return records + list(summaries.values()) + ([ratio] if ratio else [])
+        write_results(Path(args.results), records, summaries, ratio, peak, complete=True)
+    return records + summaries + ([ratio] if ratio else [])
+
+
+def summarise(
+    names: list[str], records: list[dict[str, Any]], peak: dict[str, float] | None, parity: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """A summary line per row that has runs, and the ratio line, from the runs so far."""
+    summaries = {n: summary_line(n, runs, peak) for n in names if (runs := [r for r in records if r["impl"] == n])}
+    add_ratios(summaries)
+    return list(summaries.values()), ratio_line(records, parity)
 
 
 def cpu_name() -> str:
@@ -669,15 +679,19 @@ def cpu_name() -> str:
     return f"{model}, {os.cpu_count()} cpus, {' '.join(flags) or 'no AVX2'}"
 
 
-def write_results(path: Path, runs: list, summaries: list, ratio: dict | None, peak: dict | None) -> None:
-    """A results file as tests/test_bench_results.py reads them (the commit the script ran at)."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    data = dict(date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"), commit=commit, cpu=cpu_name(),
+# the commit the script started at (a later commit during a long run does not relabel its figures)
+COMMIT = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def write_results(
+    path: Path, runs: list, summaries: list, ratio: dict | None, peak: dict | None, complete: bool
+) -> None:
+    """A results file as tests/test_bench_results.py reads them (the commit the script ran at);
+    ``complete`` is false while runs are still to come (a file left by a killed run says so)."""
+    data = dict(date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"), commit=COMMIT, cpu=cpu_name(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
                 command=" ".join(["bench/dpo_throughput.py", *sys.argv[1:]]), peak_matmul_gflops=peak,
-                runs=runs, summaries=summaries, ratio=ratio)  # fmt: skip
+                complete=complete, runs=runs, summaries=summaries, ratio=ratio)  # fmt: skip
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 

@@ -83,6 +83,34 @@ def test_trl_tuned_groups_by_length_over_a_length_column(bench, tmp_path):
     assert run["gradient_checkpointing"] is False and len(run["losses"]) == 2
 
 
+def test_a_killed_run_leaves_a_results_file_with_what_it_measured(bench, tmp_path, monkeypatch):
+    """The results file is rewritten after every run: when the second row dies, the first row's run
+    and summary are on disk, marked incomplete; a finished run marks it complete."""
+    results = tmp_path / "2026-01-01-x.json"
+    argv = ["--model", "tiny", "--pairs", "4", "--batch-size", "2", "--max-length", "96", "--device", "cpu",
+            "--in-process", "--rows", "ours,trl_tuned", "--results", str(results)]  # fmt: skip
+    real_spawn, calls = bench.spawn, []
+
+    def spawn_then_die(name, *args):
+        calls.append(name)
+        if name == "trl_tuned":
+            raise SystemExit("trl_tuned worker failed (exit -9)")
+        return real_spawn(name, *args)
+
+    monkeypatch.setattr(bench, "spawn", spawn_then_die)
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    data = json.loads(results.read_text())
+    assert calls == ["ours", "trl_tuned"] and data["complete"] is False
+    assert [r["impl"] for r in data["runs"]] == ["ours"] and [s["row"] for s in data["summaries"]] == ["ours"]
+    assert data["ratio"] is None  # no anchor measured yet
+    monkeypatch.setattr(bench, "spawn", real_spawn)
+    bench.main(argv)
+    data = json.loads(results.read_text())
+    assert data["complete"] is True and [r["impl"] for r in data["runs"]] == ["ours", "trl_tuned"]
+    assert data["ratio"]["ratio_pairs_per_s_vs_trl_tuned"] > 0
+
+
 def test_ablation_rows_switch_the_engines_options(bench, tmp_path):
     """Each _no_<feature> row reaches the engine: no shared prompt, padded rows, a live reference;
     the losses stay close to those of ours (the ablations change the work, not the maths)."""
