@@ -598,11 +598,10 @@ def ratio_line(records: list[dict[str, Any]], parity: bool) -> dict[str, Any] | 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in by[name])
 
-    if "ours" not in by or not ({"trl", "trl_tuned"} & set(by)):
-        return None
-    line: dict[str, Any] = dict(impl="ratio", repeats=len(by["ours"]), rows=list(by))
+    ours_rows = [name for name in by if name == "ours" or name.startswith("ours_")]
+    line: dict[str, Any] = dict(impl="ratio", repeats=max((len(by[n]) for n in ours_rows), default=0), rows=list(by))
     for anchor, suffix in (("trl", ""), ("trl_tuned", "_vs_trl_tuned")):
-        if anchor in by:
+        if anchor in by and "ours" in by:
             line[f"ratio_pairs_per_s{suffix}"] = median("ours", "pairs_per_s") / median(anchor, "pairs_per_s")
             line[f"ratio_peak_memory{suffix}"] = median("ours", "peak_memory_mb") / median(
                 anchor, "peak_memory_mb"
@@ -617,7 +616,9 @@ def ratio_line(records: list[dict[str, Any]], parity: bool) -> dict[str, Any] | 
                     other, "peak_memory_mb"
                 )
                 line[f"anchor{mods}"] = other
-    if parity:
+    if not any(key.startswith("ratio_") for key in line):
+        return None  # no row of ours with its anchor measured
+    if parity and "ours" in by:
         ours = by["ours"][0]["losses"]
         for anchor, suffix in (("trl", ""), ("trl_tuned", "_vs_trl_tuned")):
             if anchor in by:

@@ -196,6 +196,9 @@ def test_ratio_line_uses_medians_against_each_anchor_and_max_step_gap(bench):
         "max_loss_diff_vs_trl_tuned"
     ] == pytest.approx(0.05)
     assert bench.ratio_line(runs[:1], parity=False) is None
+    alone = bench.ratio_line(runs[3:5], parity=False)  # a modified pair of rows without plain ours
+    assert alone["ratio_pairs_per_s_gc_off"] == pytest.approx(3.0) and "ratio_pairs_per_s" not in alone
+    assert alone["repeats"] == 1
 
 
 def test_dtype_benchmark_times_every_mode_and_both_matmul_peaks(tmp_path):
