@@ -599,7 +599,9 @@ def ratio_line(records: list[dict[str, Any]], parity: bool) -> dict[str, Any] | 
         return statistics.median(r[key] for r in by[name])
 
     ours_rows = [name for name in by if name == "ours" or name.startswith("ours_")]
-    line: dict[str, Any] = dict(impl="ratio", repeats=max((len(by[n]) for n in ours_rows), default=0), rows=list(by))
+    line: dict[str, Any] = dict(
+        impl="ratio", repeats=max((len(by[n]) for n in ours_rows), default=0), rows=list(by)
+    )
     for anchor, suffix in (("trl", ""), ("trl_tuned", "_vs_trl_tuned")):
         if anchor in by and "ours" in by:
             line[f"ratio_pairs_per_s{suffix}"] = median("ours", "pairs_per_s") / median(anchor, "pairs_per_s")
@@ -664,7 +666,9 @@ def summarise(
     names: list[str], records: list[dict[str, Any]], peak: dict[str, float] | None, parity: bool
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """A summary line per row that has runs, and the ratio line, from the runs so far."""
-    summaries = {n: summary_line(n, runs, peak) for n in names if (runs := [r for r in records if r["impl"] == n])}
+    summaries = {
+        n: summary_line(n, runs, peak) for n in names if (runs := [r for r in records if r["impl"] == n])
+    }
     add_ratios(summaries)
     return list(summaries.values()), ratio_line(records, parity)
 
