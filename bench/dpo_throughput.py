@@ -639,6 +639,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     stamp = dict(machine=f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
                  date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))  # fmt: skip
     records: list[dict[str, Any]] = []
+    commit = head_commit()  # once: a commit made during a long run does not relabel its figures
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         settings = prepare(args, Path(tmp))
         peak = measured_peak(settings["device"]) if args.fraction_of_peak else None
@@ -651,14 +652,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 records.append(record)
                 if args.results:  # a killed run keeps what it measured: the file is rewritten per run
                     summaries, ratio = summarise(names, records, peak, args.parity)
-                    write_results(Path(args.results), records, summaries, ratio, peak, complete=False)
+                    write_results(Path(args.results), records, summaries, ratio, peak, commit, complete=False)
     summaries, ratio = summarise(names, records, peak, args.parity)
     for line in summaries:
         emit({**line, "peak_matmul_gflops": peak} if peak else line, args.json_out)
     if ratio is not None:
         emit(ratio, args.json_out)
     if args.results:
-        write_results(Path(args.results), records, summaries, ratio, peak, complete=True)
+        write_results(Path(args.results), records, summaries, ratio, peak, commit, complete=True)
     return records + summaries + ([ratio] if ratio else [])
 
 
@@ -684,16 +685,17 @@ def cpu_name() -> str:
     return f"{model}, {os.cpu_count()} cpus, {' '.join(flags) or 'no AVX2'}"
 
 
-# the commit the script started at (a later commit during a long run does not relabel its figures)
-COMMIT = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+def head_commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
 
 
-def write_results(
-    path: Path, runs: list, summaries: list, ratio: dict | None, peak: dict | None, complete: bool
-) -> None:
-    """A results file as tests/test_bench_results.py reads them (the commit the script ran at);
-    ``complete`` is false while runs are still to come (a file left by a killed run says so)."""
-    data = dict(date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"), commit=COMMIT, cpu=cpu_name(),
+def write_results(path: Path, runs: list, summaries: list, ratio: dict | None, peak: dict | None,
+                  commit: str, complete: bool) -> None:  # fmt: skip
+    """A results file as tests/test_bench_results.py reads them (``commit``: the one the script
+    started at); ``complete`` is false while runs are still to come (a file left by a killed run says so)."""
+    data = dict(date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00"), commit=commit, cpu=cpu_name(),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch=torch.__version__,
                 command=" ".join(["bench/dpo_throughput.py", *sys.argv[1:]]), peak_matmul_gflops=peak,
                 complete=complete, runs=runs, summaries=summaries, ratio=ratio)  # fmt: skip
