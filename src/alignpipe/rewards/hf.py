@@ -45,13 +45,17 @@ class HFReward:
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = device or pick_device()
-        self.tokenizer = _load_tokenizer(source, trust_remote_code)
+        self.tokenizer = self._load_tokenizer(source, trust_remote_code)
         self.model = load_reward_model(source, resolve_dtype(dtype, self.device), trust_remote_code)
         self.model.to(self.device).eval()
         text_config = self.model.config.get_text_config()
         if text_config.pad_token_id is None:
             text_config.pad_token_id = self.tokenizer.pad_token_id
         self.pad_id = int(text_config.pad_token_id)
+
+    def _load_tokenizer(self, source: str, trust_remote_code: bool) -> Any:
+        """The tokenizer that renders and encodes conversations (a VLM reward loads its processor here)."""
+        return _load_tokenizer(source, trust_remote_code)
 
     def encode(self, prompt: list[Message], completion: str) -> tuple[list[int], str | None]:
         """Token ids of the conversation, cut to ``max_length`` inside its text (never its template),

@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from alignpipe.core.chat import Message
-from alignpipe.core.models import ModelFolderError, pick_device, resolve_dtype
+from alignpipe.core.models import ModelFolderError
 from alignpipe.rewards.base import RewardError, RewardResult
-from alignpipe.rewards.hf import HFReward, load_reward_model, pad_for_pooling
+from alignpipe.rewards.hf import HFReward, pad_for_pooling
 from alignpipe.vision.models import image_parts, is_vision_config, load_processor
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -43,20 +43,10 @@ def hf_reward(source: str, *, trust_remote_code: bool = False, **kwargs: Any) ->
 class VisionHFReward(HFReward):
     """A VLM reward model loaded once with its processor; :meth:`score` takes the prompts' images."""
 
-    def __init__(
-        self,
-        source: str,
-        *,
-        max_length: int = 1024,
-        batch_size: int = 16,
-        dtype: str = "auto",
-        trust_remote_code: bool = False,
-        device: torch.device | None = None,
-    ) -> None:
-        self.name = f"hf:{source}"
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.device = device or pick_device()
+    _n_images, _image_tokens = 0, 0  # of the row being fitted (see _n_tokens)
+
+    def _load_tokenizer(self, source: str, trust_remote_code: bool) -> Any:
+        """The processor (kept as ``self.processor``) and its tokenizer; the model is the text reward's."""
         try:
             self.processor = load_processor(source, trust_remote_code=trust_remote_code)
         except ModelFolderError as exc:
@@ -66,14 +56,7 @@ class VisionHFReward(HFReward):
                 f"reward.model {source!r}: its processor has no chat template; alignpipe renders each "
                 "conversation with the reward model's own template"
             )
-        self.tokenizer = self.processor.tokenizer
-        self.model = load_reward_model(source, resolve_dtype(dtype, self.device), trust_remote_code)
-        self.model.to(self.device).eval()
-        text_config = self.model.config.get_text_config()
-        if text_config.pad_token_id is None:
-            text_config.pad_token_id = self.tokenizer.pad_token_id
-        self.pad_id = int(text_config.pad_token_id)
-        self._n_images, self._image_tokens = 0, 0  # of the row being fitted (see _n_tokens)
+        return self.processor.tokenizer
 
     def _text(self, conversation: list[Message]) -> str:
         return self.processor.apply_chat_template(image_parts(conversation, self._n_images), tokenize=False)
