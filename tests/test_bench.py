@@ -226,3 +226,20 @@ def test_a_bf16_row_computes_its_reference_as_its_policy(bench):
     run = bench.main(argv)[0]
     assert run["dtype"] == "bfloat16"
     assert run["loss_step1"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_projection_fusion_times_both_layouts_and_writes_its_results(tmp_path):
+    import subprocess
+
+    out = tmp_path / "fusion.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "projection_fusion.py"), "--rows", "8,16", "--repeats", "2",
+           "--results", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    data = json.loads(out.read_text())
+    assert {(r["rows"], r["projection"]) for r in data["results"]} == {
+        (8, "qkv"), (8, "gate_up"), (16, "qkv"), (16, "gate_up")
+    }
+    for r in data["results"]:
+        assert r["separate_ms"] > 0 and r["fused_ms"] > 0
+        assert r["speedup_fused"] == pytest.approx(r["separate_ms"] / r["fused_ms"], rel=1e-2)
+    assert data["peak_matmul_gflops"]["float32"] > 0 and data["commit"]
