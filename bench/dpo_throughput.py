@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fraction-of-peak", action="store_true", help="measure the matmul peak; report fractions"
     )
+    p.add_argument("--malloc", choices=("retain", "system"), default="retain",
+                   help="every row: glibc keeps freed memory (alignpipe.cli.retain_freed_memory, what the "
+                   "stages do) | glibc's defaults (the headline file of 2026-12-01)")  # fmt: skip
     p.add_argument("--learning-rate", type=float, default=5e-6)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -483,14 +486,17 @@ def flops(record: dict[str, Any], tokens_per_pair: float) -> dict[str, float]:
 
 def worker(name: str, workdir: Path, run_dir: Path) -> dict[str, Any]:
     """One row's run, as its JSON record."""
+    from alignpipe.cli import retain_freed_memory
+
     s, row = json.loads((workdir / "settings.json").read_text()), parse_row(name)
+    retained = s.get("malloc", "retain") == "retain" and retain_freed_memory()  # TRL's rows too
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s["seed"])
     if s["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cpu = time.process_time()
+    cpu, usage = time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     out = (run_ours if row.impl == "ours" else run_trl)(s, workdir, row, run_dir)
-    cpu = time.process_time() - cpu
+    cpu, after = time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF)
     pairs_done = s["steps"] * s["batch_size"]
     tokens = pairs_done * s["tokens_per_pair"]
     losses, seconds = out.pop("losses"), out["seconds"]
@@ -500,7 +506,9 @@ def worker(name: str, workdir: Path, run_dir: Path) -> dict[str, Any]:
         max_length=s["max_length"], steps=s["steps"], pairs_per_s=pairs_done / seconds,
         tokens_per_s=tokens / seconds, peak_memory_mb=peak_memory_mb(s["device"]),
         loss_step1=losses[0] if losses else None, loss_final=losses[-1] if losses else None,
-        cpu_seconds=cpu, threads=torch.get_num_threads(), **out, losses=losses,
+        cpu_seconds=cpu, threads=torch.get_num_threads(), malloc="retain" if retained else "system",
+        minor_faults=after.ru_minflt - usage.ru_minflt, system_seconds=after.ru_stime - usage.ru_stime,
+        **out, losses=losses,
     )  # fmt: skip
     record.update(flops(record, s["tokens_per_pair"]))
     if s["device"] == "cuda":

@@ -55,3 +55,47 @@ def test_outside_torchrun_and_on_failure_the_process_ends_as_before():
     failed = run("fail", torchrun=True)
     assert failed.returncode == 1 and "error: bad input" in failed.stderr
     assert failed.stdout == "stage done\nteardown ran\n"
+
+
+FAULTS = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from alignpipe.cli import stage_main
+
+    @stage_main
+    def main():
+        def cycle():  # a 64 MiB block: over glibc's largest mmap threshold (32 MiB)
+            torch.empty(16 * 2**20).fill_(1.0)
+        for _ in range(16):  # warm-up: the heap grows until a freed block fits the next aligned request
+            cycle()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            cycle()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    main()
+    """
+)
+
+
+def test_stages_keep_freed_memory_for_reuse_instead_of_faulting_it_in_again(tmp_path):
+    """stage_main sets glibc's malloc to reuse freed blocks (alignpipe.cli.retain_freed_memory): once the
+    heap has grown to fit them, at most one of five allocations of 64 MiB faults its pages in, where glibc's defaults mmap and
+    fault in each one afresh (16384 pages of 4 KiB each time); ALIGNPIPE_RETAIN_FREED_MEMORY=0 keeps them."""
+    if not sys.platform.startswith("linux"):
+        import pytest
+
+        pytest.skip("glibc's mallopt: Linux only")
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS)
+
+    def faults(retain: str) -> int:
+        env = dict(os.environ, PYTHONPATH=str(SRC), ALIGNPIPE_RETAIN_FREED_MEMORY=retain)
+        proc = subprocess.run(
+            [sys.executable, str(script)], env=env, capture_output=True, text=True, check=True
+        )
+        return int(proc.stdout.split()[-1])
+
+    default, retained = faults("0"), faults("1")
+    assert default >= 5 * 16384 * 0.9, default
+    assert retained < default / 4, (retained, default)  # at most one of the five faulted in
