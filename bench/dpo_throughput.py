@@ -489,7 +489,7 @@ def worker(name: str, workdir: Path, run_dir: Path) -> dict[str, Any]:
     from alignpipe.cli import retain_freed_memory
 
     s, row = json.loads((workdir / "settings.json").read_text()), parse_row(name)
-    retained = s.get("malloc", "retain") == "retain" and retain_freed_memory()  # TRL's rows too
+    retained = s["malloc"] == "retain" and retain_freed_memory()  # TRL's rows too
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s["seed"])
     if s["device"] == "cuda":

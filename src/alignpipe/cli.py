@@ -78,9 +78,10 @@ def retain_freed_memory() -> bool:
     torch's CPU allocator passes every tensor to malloc. glibc serves a block over its mmap threshold
     (at most 32 MiB: a chunk of logits, a batch of MLP activations) with a fresh mmap and unmaps it on
     free, so every training step page-faults its activations in again, and the kernel zeroes each page.
-    Two DPO steps of 16 pairs at max_length 512 (SmolLM2-135M's shape, fp32, 2 threads) took 6.4 M
-    minor faults and 24 s of system time; with this, 1.6 M and 14 s, and 1.2x less wall time, for 7%
-    more peak RSS (bench/NOTES.md). The results are the same bytes. Only glibc on Linux; elsewhere, or
+    Two DPO steps of 8 pairs at max_length 512 (SmolLM2-135M's shape, fp32, 2 threads) took 5.9 M
+    minor faults and 19 s of system time; with this, 1.5 M and 11 s, 70.8 s -> 64.7 s of wall time,
+    for 16% more peak RSS (bench/results/2026-12-02-amd-epyc-2c-dpo-malloc-*.json). The results are
+    the same bytes. Only glibc on Linux; elsewhere, or
     with ``ALIGNPIPE_RETAIN_FREED_MEMORY=0``, nothing changes. Returns whether it was applied."""
     if os.environ.get(RETAIN_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
